@@ -1,0 +1,208 @@
+"""The dataset item contract, file checks with actionable errors, and safe unpickling.
+
+Every dataset subclasses `HandDataset`: it loads one raw sample (full image, intrinsics, labels and a
+tight box around the hand) and `build_item` turns it into the item of docs/conventions.md.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..skeleton import NUM_JOINTS
+
+
+class DatasetError(RuntimeError):
+    """Bad or missing data. The message names the file or key and the fix."""
+
+
+# --------------------------------------------------------------------------- file checks
+def require_dir(path: str | Path, what: str, fix: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise DatasetError(f"{what}: folder not found: {p}\n  fix: {fix}")
+    return p
+
+
+def require_file(path: str | Path, fix: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DatasetError(f"file not found: {p}\n  fix: {fix}")
+    return p
+
+
+def load_json(path: str | Path, fix: str) -> Any:
+    p = require_file(path, fix)
+    try:
+        with open(p, "r") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{p}: not valid JSON ({e}).\n  fix: {fix}") from None
+
+
+def check_lengths(lists: dict[str, Any], fix: str) -> int:
+    """All annotation lists must have one entry per sample."""
+    lengths = {name: len(v) for name, v in lists.items()}
+    if len(set(lengths.values())) > 1:
+        detail = ", ".join(f"{k}: {n}" for k, n in lengths.items())
+        raise DatasetError(f"annotation lists have different lengths ({detail}).\n  fix: {fix}")
+    return next(iter(lengths.values()))
+
+
+def as_array(value, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """Convert one annotation entry to float64 and check its shape (-1 = any)."""
+    try:
+        a = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DatasetError(f"{where}: not a numeric array") from None
+    if a.ndim != len(shape) or any(s != -1 and s != n for s, n in zip(shape, a.shape)):
+        raise DatasetError(f"{where}: expected shape {shape}, got {a.shape}")
+    return a
+
+
+_END_MARKERS = {".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9", ".png": b"IEND\xaeB`\x82"}
+
+
+def read_image(path: str | Path, *, grayscale: bool = False) -> np.ndarray:
+    """RGB uint8 (H, W, 3), or (H, W) with grayscale=True. Truncated or corrupt files are an error.
+
+    OpenCV decodes a truncated JPEG into a half-grey picture with only a warning, so the end marker is
+    checked first: a silently damaged training image is worse than a stopped run.
+    """
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise DatasetError(f"image not found: {p}\n  fix: check the dataset root and that the archive was "
+                           "fully unpacked (run scripts/check_data.py)") from None
+    marker = _END_MARKERS.get(p.suffix.lower())
+    if marker is not None and not data.rstrip(b"\x00").endswith(marker):
+        raise DatasetError(f"image is truncated or corrupt: {p}\n  fix: re-download or re-extract this file "
+                           "(run scripts/check_data.py to list every damaged file)")
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE if grayscale else cv2.IMREAD_COLOR)
+    if img is None:
+        raise DatasetError(f"image cannot be decoded: {p}\n  fix: re-download or re-extract this file")
+    return img if grayscale else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def read_image_raw(path: str | Path) -> np.ndarray:
+    """Decode keeping channels and bit depth (RHD depth/mask PNGs); RGB order for colour images."""
+    p = Path(path)
+    img = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise DatasetError(f"image cannot be read: {p}\n  fix: re-download or re-extract this file")
+    if img.ndim == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return img
+
+
+# --------------------------------------------------------------------------- safe unpickling
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("collections", "OrderedDict"),
+}
+
+
+class PlainDataUnpickler(pickle.Unpickler):
+    """Admits only plain data: builtins (dict, list, tuple, str, numbers) and numpy arrays/scalars."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only plain data and numpy arrays "
+                                     "are allowed in annotation pickles")
+
+
+def load_plain_pickle(path: str | Path, fix: str) -> Any:
+    """Read a pickle holding only plain data. RHD's pickles come from Python 2: latin1 decodes them."""
+    p = require_file(path, fix)
+    try:
+        with open(p, "rb") as f:
+            return PlainDataUnpickler(f, encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        raise DatasetError(f"{p}: {e}.\n  fix: {fix}") from None
+    except (EOFError, ValueError) as e:
+        raise DatasetError(f"{p}: not a readable pickle ({e}).\n  fix: {fix}") from None
+
+
+# --------------------------------------------------------------------------- raw samples and datasets
+@dataclass
+class RawSample:
+    """One hand as stored on disk, before cropping: full image and camera-frame labels (right hand)."""
+
+    image: np.ndarray  # uint8 (H, W, 3) RGB
+    K: np.ndarray  # (3, 3)
+    xyz: np.ndarray  # (21, 3) metres, MPII order, right hand
+    box: tuple[float, float, float]  # tight square box (cx, cy, size) in pixels, before the crop scale
+    file: str = ""
+    verts: np.ndarray | None = None  # (N, 3) metres
+    visible: np.ndarray | None = None  # (21,) bool
+    extra: dict = field(default_factory=dict)
+
+
+class HandDataset(Dataset):
+    """Shared plumbing: per-(seed, epoch, index) randomness, the crop pipeline and the item contract.
+
+    Augmentation and prompt subsets draw from a generator seeded by (seed, epoch, index), so an item
+    is the same whichever worker loads it and a resumed run sees exactly the data it would have seen.
+    """
+
+    protocol = "freihand"  # which evaluation protocol fits this data (cliphand3d.metrics)
+    has_verts = False
+
+    def __init__(self, *, img_size: int = 256, augment=None, prompts=None, seed: int = 0):
+        self.img_size = int(img_size)
+        self.augment = augment
+        self.prompts = prompts
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def rng_for(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, int(index)])
+
+    def load_raw(self, index: int) -> RawSample:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {type(self).__name__} of length {len(self)}")
+        from .transforms import build_item  # transforms imports this module
+
+        raw = self.load_raw(index)
+        return build_item(raw, index=index, img_size=self.img_size, augment=self.augment,
+                          prompts=self.prompts, rng=self.rng_for(index))
+
+
+ITEM_KEYS = ("image", "joints_xyz", "joints_uvd", "K", "root_depth", "bone", "prompts", "meta")
+
+
+def check_item(item: dict, img_size: int | None = None) -> None:
+    """Assert an item keeps the contract of docs/conventions.md (used by tests and check_data.py)."""
+    missing = [k for k in ITEM_KEYS if k not in item]
+    if missing:
+        raise DatasetError(f"item is missing keys {missing}")
+    img = item["image"]
+    if not (isinstance(img, torch.Tensor) and img.dtype == torch.float32 and img.ndim == 3 and img.shape[0] == 3):
+        raise DatasetError(f"item['image'] must be float32 3xSxS, got {getattr(img, 'shape', type(img))}")
+    if img_size is not None and tuple(img.shape[1:]) != (img_size, img_size):
+        raise DatasetError(f"item['image'] is {tuple(img.shape[1:])}, expected {(img_size, img_size)}")
+    for k in ("joints_xyz", "joints_uvd"):
+        if tuple(item[k].shape) != (NUM_JOINTS, 3):
+            raise DatasetError(f"item['{k}'] must be ({NUM_JOINTS}, 3), got {tuple(item[k].shape)}")
+    if tuple(item["K"].shape) != (3, 3):
+        raise DatasetError(f"item['K'] must be 3x3, got {tuple(item['K'].shape)}")

@@ -1,0 +1,102 @@
+"""The crop pipeline shared by every dataset: box jitter, in-plane rotation, colour, normalisation.
+
+Image and labels go through one affine map (`geometry.crop_and_rotate`), so they cannot drift apart.
+Defaults follow the demo repo's FreiHAND training (DESIGN 1): box scale 1.3, scale jitter +-0.2,
+rotation up to +-90 deg with p=0.6, shift jitter, no flip, optional colour jitter.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..geometry import crop_and_rotate, square_box, xyz_to_uvd
+from .base import RawSample
+
+
+@dataclass
+class CropAugment:
+    """How a raw sample becomes a crop. `train=False` gives the deterministic evaluation crop."""
+
+    train: bool = True
+    scale: float = 1.3  # crop side / tight hand box side
+    scale_jitter: float = 0.2  # +- relative change of the side (train only)
+    shift_jitter: float = 0.1  # +- fraction of the side the centre may move (train only)
+    rot_max_deg: float = 90.0
+    rot_prob: float = 0.6
+    color_jitter: float = 0.0  # +- relative brightness / contrast / saturation change (train only)
+
+    def sample(self, rng: np.random.Generator | None) -> dict:
+        if not self.train or rng is None:
+            return {"scale": self.scale, "shift": (0.0, 0.0), "rot": 0.0, "color": None}
+        scale = self.scale * (1.0 + rng.uniform(-self.scale_jitter, self.scale_jitter))
+        shift = tuple(rng.uniform(-self.shift_jitter, self.shift_jitter, size=2))
+        rot = math.radians(rng.uniform(-self.rot_max_deg, self.rot_max_deg)) if rng.random() < self.rot_prob else 0.0
+        color = tuple(1.0 + rng.uniform(-self.color_jitter, self.color_jitter, size=3)) if self.color_jitter > 0 else None
+        return {"scale": scale, "shift": shift, "rot": rot, "color": color}
+
+
+EVAL_CROP = CropAugment(train=False)
+
+MEAN, STD = 0.5, 0.5  # (x/255 - 0.5) / 0.5, the demo repo's normalisation
+
+
+def normalize_image(image_u8: np.ndarray) -> torch.Tensor:
+    """uint8 HxWx3 RGB -> float32 3xHxW in [-1, 1]."""
+    t = torch.from_numpy(np.ascontiguousarray(image_u8)).permute(2, 0, 1).float()
+    return (t / 255.0 - MEAN) / STD
+
+
+def denormalize_image(image: torch.Tensor) -> np.ndarray:
+    """Inverse of `normalize_image` for display: 3xHxW float -> uint8 HxWx3 RGB."""
+    a = ((image.detach().cpu().float() * STD + MEAN) * 255.0).clamp(0, 255).round().byte()
+    return a.permute(1, 2, 0).numpy()
+
+
+def jitter_color(image: np.ndarray, factors: tuple[float, float, float]) -> np.ndarray:
+    """Brightness, contrast and saturation factors applied to a uint8 RGB image."""
+    b, c, s = factors
+    img = image.astype(np.float32) * b
+    mean = img.mean()
+    img = (img - mean) * c + mean
+    gray = img.mean(axis=2, keepdims=True)
+    img = (img - gray) * s + gray
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def box_from_mask(mask: np.ndarray) -> tuple[float, float, float]:
+    """Tight square box (cx, cy, size) around the non-zero pixels of a mask."""
+    ys, xs = np.nonzero(mask)
+    return square_box(np.stack([xs, ys], 1), scale=1.0)
+
+
+def build_item(raw: RawSample, *, index: int, img_size: int, augment: CropAugment | None = None,
+               prompts=None, rng: np.random.Generator | None = None) -> dict:
+    """Raw sample -> the item of docs/conventions.md (crop, labels in the crop's camera, prompts)."""
+    aug = augment if augment is not None else EVAL_CROP
+    p = aug.sample(rng)
+    cx, cy, side = raw.box
+    side = side * p["scale"]
+    center = (cx + p["shift"][0] * side, cy + p["shift"][1] * side)
+    crop, K, R = crop_and_rotate(raw.image, raw.K, center, side, img_size, p["rot"])
+    if p["color"] is not None:
+        crop = jitter_color(crop, p["color"])
+    xyz = raw.xyz @ R.T
+    uvd, root, bone = xyz_to_uvd(xyz, K, img_size)
+    item = {
+        "image": normalize_image(crop),
+        "joints_xyz": torch.as_tensor(xyz, dtype=torch.float32),
+        "joints_uvd": torch.as_tensor(uvd, dtype=torch.float32),
+        "K": torch.as_tensor(K, dtype=torch.float32),
+        "root_depth": torch.tensor(float(root), dtype=torch.float32),
+        "bone": torch.tensor(float(bone), dtype=torch.float32),
+        "prompts": prompts(xyz, rng) if prompts is not None else {},
+        "meta": {"index": int(index), "file": raw.file},
+    }
+    if raw.verts is not None:
+        item["verts_xyz"] = torch.as_tensor(raw.verts @ R.T, dtype=torch.float32)
+    if raw.visible is not None:
+        item["visible"] = torch.as_tensor(np.asarray(raw.visible, dtype=bool))
+    return item

@@ -1,0 +1,147 @@
+"""Projection, crops and their intrinsics, in-plane rotation, mirroring, uvd<->xyz, Procrustes.
+
+Pure functions. Conventions (docs/conventions.md): OpenCV camera frame, pixel centres at integer
+coordinates, normalised uvd with u = (u_pix + 0.5) / S.
+"""
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import torch
+
+from .skeleton import REF_BONE, ROOT
+
+
+# --------------------------------------------------------------------------- projection
+def project(xyz, K):
+    """(..., N, 3) camera points, (..., 3, 3) intrinsics -> (..., N, 2) pixels. numpy or torch."""
+    uvw = xyz @ _t(K)
+    return uvw[..., :2] / uvw[..., 2:3]
+
+
+def backproject(uv, z, K):
+    """Pixels (..., N, 2) and depths (..., N) -> camera points (..., N, 3). numpy or torch."""
+    if isinstance(uv, torch.Tensor):
+        ones = torch.ones_like(uv[..., :1])
+        rays = torch.cat([uv, ones], -1) @ _t(torch.linalg.inv(K))
+    else:
+        rays = np.concatenate([uv, np.ones_like(uv[..., :1])], -1) @ _t(np.linalg.inv(K))
+    return rays * z[..., None]
+
+
+def _t(m):
+    return m.transpose(-1, -2) if isinstance(m, torch.Tensor) else np.swapaxes(m, -1, -2)
+
+
+# --------------------------------------------------------------------------- uvd <-> xyz
+def xyz_to_uvd(xyz, K, img_size: int):
+    """Camera xyz (..., 21, 3) -> (uvd (..., 21, 3), root_depth (...), bone (...)). numpy or torch.
+
+    u, v in [0, 1] across the S x S crop (pixel edges), d = (z - z_root) / bone.
+    """
+    uv = (project(xyz, K) + 0.5) / img_size
+    root = xyz[..., ROOT, 2]
+    diff = xyz[..., REF_BONE[0], :] - xyz[..., REF_BONE[1], :]
+    if isinstance(xyz, torch.Tensor):
+        bone = diff.norm(dim=-1)
+        d = (xyz[..., 2] - root[..., None]) / bone[..., None]
+        return torch.cat([uv, d[..., None]], -1), root, bone
+    bone = np.linalg.norm(diff, axis=-1)
+    d = (xyz[..., 2] - root[..., None]) / bone[..., None]
+    return np.concatenate([uv, d[..., None]], -1), root, bone
+
+
+def uvd_to_xyz(uvd, K, img_size: int, root_depth, bone):
+    """Inverse of `xyz_to_uvd`, given the crop intrinsics, root depth and bone (the demo protocol)."""
+    z = uvd[..., 2] * bone[..., None] + root_depth[..., None]
+    uv = uvd[..., :2] * img_size - 0.5
+    return backproject(uv, z, K)
+
+
+# --------------------------------------------------------------------------- crops and rotation
+def square_box(points_2d: np.ndarray, scale: float = 1.3) -> tuple[float, float, float]:
+    """Square box (cx, cy, size) around 2D points (N, 2): centre of their bounds, side = scale * max extent."""
+    pts = np.asarray(points_2d, dtype=np.float64).reshape(-1, 2)
+    if len(pts) == 0:
+        raise ValueError("square_box: no points to put a box around (empty mask or no joints)")
+    lo, hi = pts.min(0), pts.max(0)
+    c = (lo + hi) / 2
+    size = float(max(hi - lo).max() * scale)
+    return float(c[0]), float(c[1]), max(size, 1.0)
+
+
+def crop_affine(center, size: float, out_size: int, rot_rad: float = 0.0) -> np.ndarray:
+    """3x3 pixel-to-pixel map taking the square box (center, size) to an out_size crop, rotated by rot_rad.
+
+    The box's edges map to the crop's edges (pixel centres at integers on both sides). Positive
+    rot_rad turns image content by +rot_rad in the (x right, y down) frame, i.e. clockwise on screen.
+    """
+    s = out_size / size
+    c, si = math.cos(rot_rad), math.sin(rot_rad)
+    # edge coords e = p + 0.5; e' = s * R (e - c_edge) + out/2; p' = e' - 0.5
+    ce = np.array([center[0] + 0.5, center[1] + 0.5])
+    R = np.array([[c, -si], [si, c]]) * s
+    t = -R @ ce + out_size / 2 + R @ np.array([0.5, 0.5]) - 0.5
+    A = np.eye(3)
+    A[:2, :2] = R
+    A[:2, 2] = t
+    return A
+
+
+def rotation_z(rot_rad: float) -> np.ndarray:
+    """Rotation about the camera's optical axis matching `crop_affine`'s image rotation."""
+    c, s = math.cos(rot_rad), math.sin(rot_rad)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def crop_and_rotate(image: np.ndarray, K: np.ndarray, center, size: float, out_size: int,
+                    rot_rad: float = 0.0, border_value=0, interpolation=cv2.INTER_LINEAR):
+    """Crop a square box, resize it to out_size and rotate it in-plane about its centre.
+
+    Returns (crop, K_new, R): the 3D labels follow with xyz_new = xyz @ R.T, and then
+    project(xyz_new, K_new) lands where project(xyz, K) did in the new image. Exact for any K:
+    K_new = A K R^T (upper triangular when fx == fy and there is no skew).
+    """
+    A = crop_affine(center, size, out_size, rot_rad)
+    R = rotation_z(rot_rad)
+    crop = cv2.warpAffine(image, A[:2], (out_size, out_size), flags=interpolation,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=border_value)
+    return crop, A @ K @ R.T, R
+
+
+def mirror_lr(image: np.ndarray | None, xyz: np.ndarray, K: np.ndarray, width: int):
+    """Left <-> right hand: flip the image horizontally and negate x, with intrinsics adjusted.
+
+    Returns (image_flipped or None, xyz_mirrored, K_new); project(xyz', K') is the flipped pixel
+    u' = width - 1 - u. Works on any (..., 3) point array (joints, vertices).
+    """
+    F = np.array([[-1.0, 0.0, width - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    S = np.diag([-1.0, 1.0, 1.0])
+    flipped = None if image is None else np.ascontiguousarray(image[:, ::-1])
+    return flipped, np.asarray(xyz) @ S, F @ K @ S
+
+
+# --------------------------------------------------------------------------- Procrustes
+def procrustes_align(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """Align pred to gt per sample, as the official FreiHAND scorer does.
+
+    (..., N, 3) both. Centre, divide by the Frobenius norm, R, s = scipy.linalg.orthogonal_procrustes
+    (gt_n, pred_n) (reflections allowed), aligned = pred_n @ R.T * s * |gt| + mean_gt. Batched SVD.
+    """
+    pred = np.asarray(pred, dtype=np.float64)
+    gt = np.asarray(gt, dtype=np.float64)
+    if pred.shape != gt.shape:
+        raise ValueError(f"procrustes_align: shapes differ, pred {pred.shape} vs gt {gt.shape}")
+    mu_p, mu_g = pred.mean(-2, keepdims=True), gt.mean(-2, keepdims=True)
+    p0, g0 = pred - mu_p, gt - mu_g
+    # +1e-8 as in the official scorer, so a zero prediction aligns the same way
+    n_p = np.linalg.norm(p0, axis=(-2, -1), keepdims=True) + 1e-8
+    n_g = np.linalg.norm(g0, axis=(-2, -1), keepdims=True) + 1e-8
+    p0, g0 = p0 / n_p, g0 / n_g
+    # orthogonal_procrustes(A=g0, B=p0): R = U V^T of svd(A^T B), scale = sum of singular values
+    u, w, vt = np.linalg.svd(np.swapaxes(g0, -1, -2) @ p0)
+    R = u @ vt
+    s = w.sum(-1)[..., None, None]
+    return p0 @ np.swapaxes(R, -1, -2) * s * n_g + mu_g

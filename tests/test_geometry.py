@@ -1,0 +1,139 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.linalg import orthogonal_procrustes
+
+from cliphand3d import geometry as G
+from cliphand3d import skeleton as S
+
+
+def random_hand(rng, n=21):
+    """Points ~10 cm across, 0.4-0.6 m in front of a camera."""
+    return rng.normal(scale=0.04, size=(n, 3)) + np.array([0.01, -0.02, rng.uniform(0.4, 0.6)])
+
+
+K0 = np.array([[480.0, 0.0, 112.0], [0.0, 470.0, 108.0], [0.0, 0.0, 1.0]])
+
+
+def test_project_backproject_round_trip_numpy_and_torch():
+    rng = np.random.default_rng(0)
+    xyz = random_hand(rng)
+    uv = G.project(xyz, K0)
+    assert np.allclose(G.backproject(uv, xyz[:, 2], K0), xyz, atol=1e-12)
+    uv_t = G.project(torch.tensor(xyz), torch.tensor(K0))
+    assert torch.allclose(uv_t, torch.tensor(uv))
+    # known answer: a point on the optical axis lands on the principal point
+    assert np.allclose(G.project(np.array([[0.0, 0.0, 2.0]]), K0), [[112.0, 108.0]])
+
+
+def test_uvd_round_trip_and_known_values():
+    rng = np.random.default_rng(1)
+    xyz = random_hand(rng)
+    uvd, root, bone = G.xyz_to_uvd(xyz, K0, 224)
+    assert root == pytest.approx(xyz[0, 2])
+    assert bone == pytest.approx(np.linalg.norm(xyz[0] - xyz[9]))
+    assert uvd[0, 2] == 0.0
+    assert np.allclose(uvd[:, 2] * bone + root, xyz[:, 2])
+    # pixel centre 0 maps to half a pixel inside the crop's left edge
+    assert np.allclose(uvd[:, :2], (G.project(xyz, K0) + 0.5) / 224)
+    back = G.uvd_to_xyz(uvd, K0, 224, np.asarray(root), np.asarray(bone))
+    assert np.allclose(back, xyz, atol=1e-12)
+    # batched torch path gives the same answer
+    xb = torch.tensor(np.stack([xyz, xyz * 1.1]))
+    Kb = torch.tensor(np.stack([K0, K0]))
+    uvd_t, root_t, bone_t = G.xyz_to_uvd(xb, Kb, 224)
+    assert torch.allclose(G.uvd_to_xyz(uvd_t, Kb, 224, root_t, bone_t), xb, atol=1e-10)
+
+
+def test_square_box_and_crop_map_box_edges_to_crop_edges():
+    cx, cy, size = G.square_box(np.array([[10.0, 20.0], [50.0, 30.0]]), scale=1.5)
+    assert (cx, cy, size) == (30.0, 25.0, 60.0)
+    A = G.crop_affine((cx, cy), size, 120)
+    # the box spans cx +- size/2 in pixel coordinates; its edges go to the crop's edges (-0.5, out - 0.5)
+    left_top = A @ np.array([cx - size / 2, cy - size / 2, 1.0])
+    right_bottom = A @ np.array([cx + size / 2, cy + size / 2, 1.0])
+    assert np.allclose(left_top[:2], [-0.5, -0.5])
+    assert np.allclose(right_bottom[:2], [119.5, 119.5])
+
+
+@pytest.mark.parametrize("rot_deg", [0.0, 37.0, -90.0])
+def test_crop_and_rotate_keeps_image_and_labels_together(rot_deg):
+    """A bright dot drawn at a projected 3D point is found at the projection with the new K."""
+    rng = np.random.default_rng(2)
+    xyz = random_hand(rng, n=3)
+    K = np.array([[500.0, 0, 100.0], [0, 500.0, 110.0], [0, 0, 1]])
+    img = np.zeros((224, 224, 3), np.uint8)
+    uv = G.project(xyz, K)
+    ui, vi = np.round(uv[0]).astype(int)
+    img[vi - 1:vi + 2, ui - 1:ui + 2] = 255  # a 3x3 dot centred on the rounded pixel
+    center = uv[0] + np.array([7.0, -5.0])  # keep the dot inside the crop at any rotation
+    crop, K2, R = G.crop_and_rotate(img, K, center, 100.0, 200, math.radians(rot_deg))
+    xyz2 = xyz @ R.T
+    # the rotation is rigid about the optical axis: depths and distances are kept
+    assert np.allclose(xyz2[:, 2], xyz[:, 2])
+    assert np.allclose(np.linalg.norm(xyz2 - xyz2[0], axis=1), np.linalg.norm(xyz - xyz[0], axis=1))
+    uv2 = G.project(xyz2, K2)
+    # the map is the affine of the crop applied to the old pixels, exactly
+    A = G.crop_affine(center, 100.0, 200, math.radians(rot_deg))
+    assert np.allclose(uv2, (np.c_[uv, np.ones(3)] @ A.T)[:, :2], atol=1e-9)
+    # and the drawn dot's centroid lands where the labels say (scale 2: the rounding offset doubles)
+    ys, xs = np.nonzero(crop[..., 0] > 128)
+    expected = (np.array([ui, vi, 1.0]) @ A.T)[:2]
+    assert np.allclose([xs.mean(), ys.mean()], expected, atol=0.6)
+    # K stays a pinhole (upper triangular) for square pixels
+    if K[0, 0] == K[1, 1]:
+        assert abs(K2[1, 0]) < 1e-9 and abs(K2[0, 1]) < 1e-9
+
+
+def test_mirror_lr_round_trip_and_pixels():
+    rng = np.random.default_rng(3)
+    xyz = random_hand(rng)
+    img = rng.integers(0, 255, size=(32, 40, 3), dtype=np.uint8)
+    flipped, xyz_m, K_m = G.mirror_lr(img, xyz, K0, width=40)
+    assert np.array_equal(flipped[:, ::-1], img)
+    assert np.allclose(xyz_m[:, 0], -xyz[:, 0]) and np.allclose(xyz_m[:, 1:], xyz[:, 1:])
+    uv, uv_m = G.project(xyz, K0), G.project(xyz_m, K_m)
+    assert np.allclose(uv_m[:, 0], 40 - 1 - uv[:, 0]) and np.allclose(uv_m[:, 1], uv[:, 1])
+    back_img, back_xyz, back_K = G.mirror_lr(flipped, xyz_m, K_m, width=40)
+    assert np.array_equal(back_img, img) and np.allclose(back_xyz, xyz) and np.allclose(back_K, K0)
+
+
+def _scorer_reference(gt, pred):
+    """The official FreiHAND align_w_scale, written out per sample with scipy."""
+    t1, t2 = gt.mean(0), pred.mean(0)
+    a, b = gt - t1, pred - t2
+    s1, s2 = np.linalg.norm(a) + 1e-8, np.linalg.norm(b) + 1e-8
+    a, b = a / s1, b / s2
+    R, s = orthogonal_procrustes(a, b)
+    return b @ R.T * s * s1 + t1
+
+
+def test_procrustes_matches_official_semantics_and_undoes_similarity():
+    rng = np.random.default_rng(4)
+    gt = rng.normal(size=(6, 21, 3))
+    pred = rng.normal(size=(6, 21, 3))
+    ours = G.procrustes_align(pred, gt)
+    ref = np.stack([_scorer_reference(g, p) for g, p in zip(gt, pred)])
+    assert np.allclose(ours, ref, atol=1e-12)
+    # a similarity transform (with a reflection, which the scorer allows) is undone exactly
+    Q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    moved = 0.3 * gt[0] @ Q.T + np.array([1.0, -2.0, 0.5])
+    assert np.allclose(G.procrustes_align(moved, gt[0]), gt[0], atol=1e-6)
+    with pytest.raises(ValueError, match="shapes differ"):
+        G.procrustes_align(pred[:, :20], gt)
+
+
+def test_skeleton_tables():
+    assert len(S.JOINT_NAMES) == 21 and S.JOINT_NAMES[0] == "wrist"
+    assert S.JOINT_NAMES[4] == "thumb fingertip" and S.JOINT_NAMES[20] == "little fingertip"
+    assert S.FINGER_CHAINS["middle"] == (9, 10, 11, 12)
+    assert len(S.BONES) == 20 and all(S.PARENTS[c] == p for p, c in S.BONES)
+    # every MCP hangs off the wrist, every other joint off its predecessor
+    assert [S.PARENTS[i] for i in (1, 5, 9, 13, 17)] == [0] * 5 and S.PARENTS[12] == 11
+    # RHD stores tip -> base: RHD index 1 (thumb tip) is MPII 4
+    assert S.RHD_TO_MPII[4] == 1 and S.RHD_TO_MPII[1] == 4 and S.RHD_TO_MPII[0] == 0
+    x = np.arange(21 * 3).reshape(21, 3)
+    assert np.array_equal(S.mpii_to_rhd(S.rhd_to_mpii(x)), x)
+    assert np.array_equal(S.rhd_to_mpii(x)[4], x[1])
