@@ -1,0 +1,104 @@
+"""Joint regressor with 1D heatmaps per axis (DESIGN 1.4) and the pose-aware feature heads (1.5).
+
+Every coordinate the regressor returns lies in [0, 1]: a 1D heatmap with n bins has its bin centres
+at (i + 0.5) / n (docs/conventions.md), so u, v are directly the normalised crop coordinates and z
+maps to the normalised depth d (bone units) through a fixed `depth_range` R: d = (z - 0.5) * 2R.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+AXES = ("x", "y", "z")
+
+
+def soft_argmax_1d(logits: torch.Tensor) -> torch.Tensor:
+    """(..., n) logits -> (...,) expected bin centre in [0, 1], centres at (i + 0.5) / n."""
+    n = logits.shape[-1]
+    centres = (torch.arange(n, device=logits.device, dtype=logits.dtype) + 0.5) / n
+    return (F.softmax(logits, dim=-1) * centres).sum(-1)
+
+
+def depth_to_unit(d, depth_range: float):
+    """Normalised depth d (bone units, root-relative) -> z in [0, 1] (inside +-depth_range)."""
+    return d / (2.0 * depth_range) + 0.5
+
+
+def unit_to_depth(z01, depth_range: float):
+    """Inverse of `depth_to_unit`."""
+    return (z01 - 0.5) * (2.0 * depth_range)
+
+
+class JointRegressor(nn.Module):
+    """F4 -> {"uvz": (B, J, 3) in [0, 1]^3, "logits": {"x": (B, J, W), "y": (B, J, H), "z": (B, J, D)}}.
+
+    x/y: `num_deconv` stride-2 deconvolutions lift F4 (stride 32) to stride 32 / 2**num_deconv,
+    the map is averaged over the other image axis and a 1x1 conv1d gives per-joint 1D logits.
+    z: globally pooled F4 -> Linear -> per-joint depth logits over `depth_bins`.
+    """
+
+    def __init__(self, in_channels: int, num_joints: int = 21, deconv_channels: int = 256,
+                 num_deconv: int = 2, depth_bins: int = 64):
+        super().__init__()
+        self.in_channels, self.num_joints, self.depth_bins = in_channels, num_joints, depth_bins
+        self.num_deconv = num_deconv
+        layers: list[nn.Module] = []
+        c = in_channels
+        for _ in range(num_deconv):
+            # kernel 4 / stride 2 / padding 1 doubles the size exactly.
+            layers += [nn.ConvTranspose2d(c, deconv_channels, 4, stride=2, padding=1, bias=False),
+                       nn.BatchNorm2d(deconv_channels), nn.ReLU(inplace=True)]
+            c = deconv_channels
+        self.deconv = nn.Sequential(*layers)
+        self.head_x = nn.Conv1d(c, num_joints, kernel_size=1)
+        self.head_y = nn.Conv1d(c, num_joints, kernel_size=1)
+        self.head_z = nn.Linear(in_channels, num_joints * depth_bins)
+
+    def bins(self, image_size: int) -> dict[str, int]:
+        """Heatmap lengths per axis for a square `image_size` input (feeds PoseFeatureHeads)."""
+        n = -(-image_size // 32) * 2 ** self.num_deconv  # ResNet F4 side is ceil(S / 32)
+        return {"x": n, "y": n, "z": self.depth_bins}
+
+    def forward(self, f4: torch.Tensor) -> dict:
+        if f4.dim() != 4 or f4.shape[1] != self.in_channels:
+            raise ValueError(f"JointRegressor expects F4 of shape (B, {self.in_channels}, H, W), got "
+                             f"{tuple(f4.shape)}; set in_channels to the backbone's channels[4]")
+        up = self.deconv(f4)
+        logits = {
+            "x": self.head_x(up.mean(dim=2)),
+            "y": self.head_y(up.mean(dim=3)),
+            "z": self.head_z(f4.mean(dim=(2, 3))).view(-1, self.num_joints, self.depth_bins),
+        }
+        uvz = torch.stack([soft_argmax_1d(logits[a]) for a in AXES], dim=-1)
+        return {"uvz": uvz, "logits": logits}
+
+
+class PoseFeatureHeads(nn.Module):
+    """Per axis: flattened (B, J, bins) heatmap logits -> Linear -> L2-normalised (B, embed_dim)."""
+
+    def __init__(self, bins: Mapping[str, int], num_joints: int = 21, embed_dim: int = 512,
+                 axes: Sequence[str] = AXES):
+        super().__init__()
+        self.axes = tuple(axes)
+        missing = [a for a in self.axes if a not in bins]
+        if missing:
+            raise ValueError(f"PoseFeatureHeads: bins has no entry for axes {missing} (got "
+                             f"{dict(bins)}); give bins={{x: S/8, y: S/8, z: depth_bins}}")
+        self.bins = {a: int(bins[a]) for a in self.axes}
+        self.num_joints = num_joints
+        self.proj = nn.ModuleDict({a: nn.Linear(num_joints * self.bins[a], embed_dim) for a in self.axes})
+
+    def forward(self, logits: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for a in self.axes:
+            x = logits[a]
+            if x.shape[1:] != (self.num_joints, self.bins[a]):
+                raise ValueError(
+                    f"PoseFeatureHeads: {a} logits have shape {tuple(x.shape)}, expected "
+                    f"(B, {self.num_joints}, {self.bins[a]}); bins[{a!r}] must match the regressor "
+                    f"(JointRegressor.bins(image_size))")
+            out[a] = F.normalize(self.proj[a](x.flatten(1)), dim=-1)
+        return out
