@@ -37,24 +37,27 @@ def _t(m):
 
 # --------------------------------------------------------------------------- uvd <-> xyz
 def xyz_to_uvd(xyz, K, img_size: int):
-    """Camera xyz (..., 21, 3) -> (uvd (..., 21, 3), root_depth (...), bone (...)). numpy or torch.
+    """Camera joints (..., 21, 3) -> (uvd (..., 21, 3), root_depth (...), bone (...)). numpy or torch.
 
     u, v in [0, 1] across the S x S crop (pixel edges), d = (z - z_root) / bone.
     """
-    uv = (project(xyz, K) + 0.5) / img_size
     root = xyz[..., ROOT, 2]
     diff = xyz[..., REF_BONE[0], :] - xyz[..., REF_BONE[1], :]
+    bone = diff.norm(dim=-1) if isinstance(xyz, torch.Tensor) else np.linalg.norm(diff, axis=-1)
+    return points_to_uvd(xyz, K, img_size, root, bone), root, bone
+
+
+def points_to_uvd(xyz, K, img_size: int, root_depth, bone):
+    """Any camera points (..., N, 3) (joints or vertices) -> normalised uvd, given the hand's root and bone."""
+    uv = (project(xyz, K) + 0.5) / img_size
+    d = (xyz[..., 2] - root_depth[..., None]) / bone[..., None]
     if isinstance(xyz, torch.Tensor):
-        bone = diff.norm(dim=-1)
-        d = (xyz[..., 2] - root[..., None]) / bone[..., None]
-        return torch.cat([uv, d[..., None]], -1), root, bone
-    bone = np.linalg.norm(diff, axis=-1)
-    d = (xyz[..., 2] - root[..., None]) / bone[..., None]
-    return np.concatenate([uv, d[..., None]], -1), root, bone
+        return torch.cat([uv, d[..., None]], -1)
+    return np.concatenate([uv, d[..., None]], -1)
 
 
 def uvd_to_xyz(uvd, K, img_size: int, root_depth, bone):
-    """Inverse of `xyz_to_uvd`, given the crop intrinsics, root depth and bone (the demo protocol)."""
+    """Inverse of `points_to_uvd`, given the crop intrinsics, root depth and bone (the demo protocol)."""
     z = uvd[..., 2] * bone[..., None] + root_depth[..., None]
     uv = uvd[..., :2] * img_size - 0.5
     return backproject(uv, z, K)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..geometry import crop_and_rotate, square_box, xyz_to_uvd
+from ..geometry import crop_and_rotate, points_to_uvd, square_box, xyz_to_uvd
 from .base import RawSample
 
 
@@ -96,7 +96,10 @@ def build_item(raw: RawSample, *, index: int, img_size: int, augment: CropAugmen
         "meta": {"index": int(index), "file": raw.file},
     }
     if raw.verts is not None:
-        item["verts_xyz"] = torch.as_tensor(raw.verts @ R.T, dtype=torch.float32)
+        verts = raw.verts @ R.T
+        item["verts_xyz"] = torch.as_tensor(verts, dtype=torch.float32)
+        item["verts_uvd"] = torch.as_tensor(points_to_uvd(verts, K, img_size, np.asarray(root), np.asarray(bone)),
+                                            dtype=torch.float32)
     if raw.visible is not None:
         item["visible"] = torch.as_tensor(np.asarray(raw.visible, dtype=bool))
     return item
