@@ -1,0 +1,253 @@
+"""Known-answer tests for cliphand3d.metrics (hand-worked values, invariants, a scipy reference)."""
+import numpy as np
+import pytest
+import torch
+from scipy.linalg import orthogonal_procrustes
+from scipy.spatial.transform import Rotation
+
+from cliphand3d import metrics as M
+
+
+def random_hands(n: int, seed: int = 0) -> np.ndarray:
+    """(n, 21, 3) plausible right hands in metres, ~0.5 m in front of the camera, MPII order."""
+    rng = np.random.default_rng(seed)
+    hands = np.zeros((n, 21, 3))
+    for i in range(n):
+        wrist = rng.normal([0.0, 0.0, 0.5], [0.05, 0.05, 0.05])
+        hands[i, 0] = wrist
+        for f in range(5):
+            direction = np.array([np.cos(0.3 * (f - 2)), np.sin(0.3 * (f - 2)), 0.2]) + rng.normal(0, 0.1, 3)
+            p = wrist
+            for k, length in enumerate((0.07, 0.035, 0.025, 0.02)):
+                direction = direction + rng.normal(0, 0.2, 3)
+                p = p + length * direction / np.linalg.norm(direction)
+                hands[i, 1 + 4 * f + k] = p
+    return hands
+
+
+# The official scorer adds 1e-8 to both Frobenius norms, which shrinks an exact fit by ~1e-7 of the
+# hand's size: a few nanometres. "Zero" aligned errors are therefore checked to 1e-4 mm.
+PA_TOL_MM = 1e-4
+
+
+def auc_of_exact_fit(steps: int) -> tuple[float, float]:
+    """Bounds for a fit exact up to rounding: residuals of ~1e-12 m fail only the t = 0 threshold
+    (PCK counts d <= t), which costs half of the first trapezoid, 0.5 / (steps - 1) of the area."""
+    return 1 - 0.5 / (steps - 1) - 1e-12, 1.0
+
+
+def reference_aligned(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """Straightforward per-sample FreiHAND alignment written directly on scipy's solver."""
+    mu_g, mu_p = gt.mean(0), pred.mean(0)
+    g0, p0 = gt - mu_g, pred - mu_p
+    ng, np_ = np.linalg.norm(g0) + 1e-8, np.linalg.norm(p0) + 1e-8
+    R, s = orthogonal_procrustes(g0 / ng, p0 / np_)
+    return (p0 / np_) @ R.T * s * ng + mu_g
+
+
+# --------------------------------------------------------------------------- FreiHAND joints
+def test_similarity_transform_including_reflection_has_zero_aligned_error():
+    gt = random_hands(6)
+    R = Rotation.from_euler("xyz", [30, -50, 110], degrees=True).as_matrix()
+    mirror = np.diag([1.0, -1.0, 1.0])  # the official scorer does not exclude reflections
+    pred = 1.7 * gt @ (R @ mirror).T + np.array([0.3, -0.2, 0.4])
+    out = M.freihand_metrics(pred, gt)
+    assert out["pa_mpjpe_mm"] < PA_TOL_MM
+    lo, hi = auc_of_exact_fit(100)
+    assert lo <= out["auc_pa_0_50"] <= hi
+    assert out["kp_error_mm"] > 100  # unaligned it is far off
+
+
+def test_constant_offset_known_answers():
+    gt = random_hands(5)
+    pred = gt + np.array([0.006, 0.0, -0.008])  # |offset| = 10 mm
+    out = M.freihand_metrics(pred, gt)
+    assert out["kp_error_mm"] == pytest.approx(10.0)
+    assert out["mpjpe_mm"] == pytest.approx(0.0, abs=1e-9)  # root-relative removes any constant offset
+    assert out["pa_mpjpe_mm"] < PA_TOL_MM
+    # thresholds i * h, h = 0.05 / 99; PCK is 0 up to i = 19 (19.8 h = 10 mm) and 1 from i = 20:
+    # area = h / 2 + 79 h, divided by 99 h
+    assert out["auc_0_50"] == pytest.approx(79.5 / 99)
+    lo, hi = auc_of_exact_fit(100)
+    assert lo <= out["auc_pa_0_50"] <= hi
+
+
+def test_aligned_error_matches_scipy_reference_per_sample():
+    gt = random_hands(8, seed=1)
+    rng = np.random.default_rng(2)
+    pred = random_hands(8, seed=3) + rng.normal(0, 0.004, gt.shape)
+    ref = np.stack([np.linalg.norm(reference_aligned(p, g) - g, axis=-1) for p, g in zip(pred, gt)])
+    out = M.freihand_metrics(pred, gt)
+    assert out["pa_mpjpe_mm"] == pytest.approx(ref.mean() * 1000, rel=1e-10)
+    per = M.per_sample_errors(pred, gt)
+    np.testing.assert_allclose(per["pa_mpjpe_mm"], ref.mean(1) * 1000, rtol=1e-10)
+    rr = np.linalg.norm((pred - pred[:, :1]) - (gt - gt[:, :1]), axis=-1).mean(1) * 1000
+    np.testing.assert_allclose(per["mpjpe_mm"], rr, rtol=1e-12)
+    assert per["pa_mpjpe_mm"].mean() == pytest.approx(out["pa_mpjpe_mm"])
+    # torch input (as in train-time validation) gives the same figures
+    t_out = M.freihand_metrics(torch.from_numpy(pred).float(), torch.from_numpy(gt).float())
+    assert t_out["pa_mpjpe_mm"] == pytest.approx(out["pa_mpjpe_mm"], rel=1e-4)
+
+
+def test_zero_predictor_aligns_to_the_centroid():
+    gt = random_hands(10, seed=4)
+    out = M.freihand_metrics(np.zeros_like(gt), gt)
+    # all-zero prediction: the scale fit is 0, so every joint lands on the gt centroid
+    expected = np.linalg.norm(gt - gt.mean(1, keepdims=True), axis=-1).mean() * 1000
+    assert out["pa_mpjpe_mm"] == pytest.approx(expected)
+    assert out["pa_mpjpe_mm"] > 30
+    assert out["auc_pa_0_50"] < 0.5
+
+
+# --------------------------------------------------------------------------- PCK / AUC / EPE reductions
+DISTS = np.array([[0.0, 0.25], [0.5, 0.75], [1.0, 1.5], [0.25, 1.25]])  # 4 samples x 2 keypoints
+
+
+def test_pck_curve_and_auc_known_answers():
+    # thresholds 0, .25, .5, .75, 1 (binary-exact). kp0: 1/4 (d=0 counts: d <= t), 2/4, 3/4, 3/4, 1;
+    # kp1: 0, 1/4, 1/4, 2/4, 2/4
+    thr_mm, curve = M.pck_curve(DISTS, lo=0.0, hi=1.0, steps=5)
+    np.testing.assert_allclose(thr_mm, [0, 250, 500, 750, 1000])
+    np.testing.assert_allclose(curve, [1 / 8, 3 / 8, 4 / 8, 5 / 8, 6 / 8])
+    # trapezoids with h = .25 over a range of 1: kp0 2.625 h, kp1 1.25 h
+    assert M.auc(DISTS, lo=0.0, hi=1.0, steps=5) == pytest.approx((2.625 + 1.25) / 2 * 0.25)
+    assert M.mean_error(DISTS) == pytest.approx((0.4375 + 0.9375) / 2)
+    assert M.median_error(DISTS) == pytest.approx((0.375 + 1.0) / 2)  # mean of per-keypoint medians
+
+
+def test_visibility_mask_in_reductions():
+    vis = np.array([[1, 0], [1, 0], [0, 0], [1, 0]], dtype=bool)  # kp1 never visible: skipped
+    _, curve = M.pck_curve(DISTS, visible=vis, lo=0.0, hi=1.0, steps=5)
+    np.testing.assert_allclose(curve, [1 / 3, 2 / 3, 1, 1, 1])  # kp0 from samples 0, 1, 3 only
+    assert M.mean_error(DISTS, vis) == pytest.approx(0.25)
+    assert M.median_error(DISTS, vis) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="no keypoint is visible"):
+        M.mean_error(DISTS, np.zeros_like(vis))
+    with pytest.raises(ValueError, match="visible"):
+        M.mean_error(DISTS, vis[:3])
+
+
+# --------------------------------------------------------------------------- F-score and vertices
+def test_fscore_known_cases():
+    rng = np.random.default_rng(5)
+    gt = rng.uniform(0, 0.1, (3, 50, 3)) + np.array([0, 0, 0.5])
+    np.testing.assert_array_equal(M.fscores(gt, gt), 1.0)
+    # offset 10 mm: beyond 5 mm, within 15 mm (nearest distances are at most the offset)
+    off = M.fscores(gt + np.array([0.0, 0.006, 0.008]), gt)
+    assert (off[:, 0] < 1).all() and (off[:, 1] == 1).all()
+    np.testing.assert_array_equal(M.fscores(gt + 0.2, gt), 0.0)
+    grid = np.array([[0.0, 0.0, 0.0], [0.1, 0.0, 0.0], [0.0, 0.1, 0.0], [0.1, 0.1, 0.0]])
+    half = np.array([grid[0], grid[1], [1.0, 1.0, 1.0], [2.0, 2.0, 2.0]])
+    # precision 2/4, recall 2/4 -> F 0.5
+    np.testing.assert_allclose(M.fscores(half[None], grid[None]), 0.5)
+    # fewer predicted points than gt: precision 1, recall 1/2 -> F = 2 * 1 * .5 / 1.5
+    np.testing.assert_allclose(M.fscores(grid[None, :2], grid[None]), 2 / 3)
+    # the official scorer counts d < t: a point exactly t away (binary-exact .25) is a miss
+    unit = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    np.testing.assert_array_equal(M.fscores(unit[None] + [0.25, 0, 0], unit[None], thresholds=(0.25, 0.5)),
+                                  [[0.0, 1.0]])
+
+
+def test_freihand_vertex_metrics():
+    gt = random_hands(3, seed=7)
+    # a 4x4x4 grid 50 mm apart: after a 20 mm shift every nearest neighbour is exactly 20 mm away
+    grid = np.stack(np.meshgrid(*[np.arange(4) * 0.05] * 3, indexing="ij"), -1).reshape(-1, 3)
+    gt_v = gt[:, :1] + grid
+    shift = np.array([0.0, 0.0, 0.02])  # 20 mm, beyond both F thresholds
+    out = M.freihand_metrics(gt + shift, gt, gt_v + shift, gt_v)
+    assert out["pa_mpvpe_mm"] < PA_TOL_MM
+    assert out["mpvpe_mm"] == pytest.approx(0.0, abs=1e-9)  # vertices relative to their joint 0
+    assert out["verts_error_mm"] == pytest.approx(20.0)
+    assert out["f5"] == pytest.approx(1.0) and out["f15"] == pytest.approx(1.0)
+    assert out["f5_unaligned"] == 0.0 and out["f15_unaligned"] == 0.0
+    # vertex error taken per vertex, then averaged: a 5 mm offset of one vertex in 64
+    moved = gt_v.copy()
+    moved[:, 0, 0] += 0.005
+    assert M.freihand_metrics(gt, gt, moved, gt_v)["verts_error_mm"] == pytest.approx(5.0 / 64)
+    with pytest.raises(ValueError, match="gt_verts is missing"):
+        M.freihand_metrics(gt, gt, gt_v, None)
+
+
+# --------------------------------------------------------------------------- RHD
+def test_rhd_rescales_prediction_to_gt_bone():
+    gt = random_hands(4, seed=8)
+    pred = 2.0 * (gt - gt[:, :1]) + np.array([0.1, 0.2, 0.3])
+    out = M.rhd_metrics(pred, gt)
+    assert out["epe_mean_mm"] == pytest.approx(0.0, abs=1e-9)
+    assert out["auc_20_50"] == 1.0
+    lo, hi = auc_of_exact_fit(20)  # hand3d's 20 thresholds over 0-50 mm
+    assert lo <= out["auc_0_50"] <= hi
+    assert out["pa_mpjpe_mm"] < PA_TOL_MM
+    # mpjpe_mm is root-relative but not rescaled: the error is |gt - gt_root| itself
+    expected = np.linalg.norm(gt - gt[:, :1], axis=-1).mean() * 1000
+    assert out["mpjpe_mm"] == pytest.approx(expected)
+
+
+def test_rhd_visibility_known_answer():
+    gt = random_hands(2, seed=9)
+    pred = gt.copy()
+    pred[0, 8, 0] += 0.015  # index tip: joints 0 and 9 untouched, so the rescale is exactly 1
+    pred[1, 8, 0] += 0.04
+    out = M.rhd_metrics(pred, gt)
+    assert out["epe_mean_mm"] == pytest.approx(27.5 / 21)
+    assert out["epe_median_mm"] == pytest.approx(27.5 / 21)
+    vis = np.ones((2, 21), dtype=bool)
+    vis[1, 8] = False  # hides the 40 mm error
+    vis[:, 3] = False  # a joint never visible leaves the keypoint mean: 20 keypoints remain
+    out = M.rhd_metrics(pred, gt, visible=vis)
+    assert out["epe_mean_mm"] == pytest.approx(15.0 / 20)
+    assert out["epe_median_mm"] == pytest.approx(15.0 / 20)
+    assert out["mpjpe_mm"] == pytest.approx(15.0 / 20)
+    # 20 thresholds over 20-50 mm; the only visible error, 15 mm, passes every one of them
+    assert out["auc_20_50"] == pytest.approx(1.0)
+    per = M.per_sample_errors(pred, gt, visible=vis)
+    np.testing.assert_allclose(per["mpjpe_mm"], [15.0 / 20, 0.0])
+
+
+def test_evaluate_dispatch_and_errors():
+    gt = random_hands(3, seed=10)
+    pred = gt + 0.003
+    assert M.evaluate("synthetic", pred, gt) == M.freihand_metrics(pred, gt)
+    assert set(M.evaluate("rhd", pred, gt)) >= {"pa_mpjpe_mm", "mpjpe_mm", "epe_mean_mm", "auc_20_50"}
+    with pytest.raises(ValueError, match="unknown protocol 'stb'"):
+        M.evaluate("stb", pred, gt)
+    with pytest.raises(ValueError, match=r"pred_xyz and gt_xyz .*\(2, 21, 3\) vs \(3, 21, 3\)"):
+        M.evaluate("freihand", pred[:2], gt)
+    with pytest.raises(ValueError, match="pred_xyz: expected 21 points"):
+        M.evaluate("freihand", pred[:, :20], gt[:, :20])
+    with pytest.raises(ValueError, match="only used by the 'rhd'"):
+        M.evaluate("freihand", pred, gt, visible=np.ones((3, 21), bool))
+    with pytest.raises(ValueError, match="pred_verts has 2 samples but pred_xyz has 3"):
+        M.evaluate("freihand", pred, gt, np.zeros((2, 5, 3)), np.zeros((2, 5, 3)))
+    bad = pred.copy()
+    bad[1, 4, 2] = np.nan
+    with pytest.raises(ValueError, match="pred_xyz: contains NaN/inf .*sample 1"):
+        M.evaluate("rhd", bad, gt)
+
+
+# --------------------------------------------------------------------------- retrieval
+def test_retrieval_top1_and_identical_prompts():
+    eye = torch.eye(8)
+    assert M.retrieval_top1(eye, eye) == 1.0
+    shifted = eye.roll(1, dims=0)  # query i's best text is i + 1: all wrong
+    assert M.retrieval_top1(eye, shifted) == 0.0
+    prompts = ["a", "a", "b", "b", "c", "c", "d", "d"]
+    # query i retrieves i + 1 (mod 8): right exactly when i, i + 1 share a prompt (i even)
+    assert M.retrieval_top1(eye, shifted, prompts) == 0.5
+    same = torch.ones(8, 4)  # identical sentences give identical text features
+    assert M.retrieval_top1(torch.randn(8, 4), same, ["x"] * 8) == 1.0
+    assert M.retrieval_top1(torch.randn(8, 4), same) == 1 / 8  # ties go to the first text
+    with pytest.raises(ValueError, match="prompts: 3 strings for a batch of 8"):
+        M.retrieval_top1(eye, eye, ["a"] * 3)
+
+
+def test_retrieval_by_batch_drops_tail_and_averages():
+    n = 40
+    pose = torch.eye(64)[:n]
+    text = pose.clone()
+    text[16:32] = pose[16:32].roll(1, dims=0)  # second chunk of 16 all wrong
+    text[32:] = pose[32:].roll(1, dims=0)  # ragged tail, wrong, must be dropped
+    out = M.retrieval_by_batch(pose, text, batch_sizes=(16, 8, 64))
+    assert out[16] == 0.5
+    assert out[8] == pytest.approx(2 / 5)  # chunks 0, 1 right; 2, 3, 4 wrong
+    assert np.isnan(out[64])
