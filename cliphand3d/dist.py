@@ -89,3 +89,30 @@ def all_gather_no_grad(t: torch.Tensor) -> torch.Tensor:
     if get_world_size() == 1:
         return t.detach()
     return _gather_padded(t, _gather_sizes(t.shape[0], t.device))
+
+
+# --------------------------------------------------------------------------- set-up
+def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
+    """Join the process group when launched by torchrun (RANK / WORLD_SIZE / LOCAL_RANK set).
+
+    Returns (rank, world_size, local_rank); a plain `python scripts/train.py` gets (0, 1, 0) and no
+    process group. Backend: NCCL when CUDA is present, gloo otherwise, unless given.
+    """
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not is_dist():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend, init_method="env://")
+    return rank, world, local_rank
+
+
+def cleanup() -> None:
+    if is_dist():
+        dist.destroy_process_group()

@@ -1,0 +1,93 @@
+"""Training losses as a dict of named terms; the weighted sum happens in one place (`weighted_total`).
+
+Terms (DESIGN 1.9): `joints_coarse` (L_P on the 1D-heatmap joints P), `joints` (final joints J @ V),
+`verts` (L_V, only where the data has meshes), `stages` (deep supervision of the coarse-to-fine
+regressor's intermediate levels against the ground truth at their nodes), `clip_<axis>` (L_CLIP per axis, from
+`models.contrastive.PerAxisContrastiveLoss`). Weights, L1 vs L2 and extra terms are not published:
+they are config values (configs/loss/).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+# Names that are logged but never summed into the objective.
+MONITOR_PREFIXES = ("acc_", "scale_")
+
+
+def point_error(pred: torch.Tensor, target: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+    """Mean error over points of (B, N, 3) normalised-uvd coordinates."""
+    if kind == "l1":
+        return (pred - target).abs().mean()
+    if kind == "l2":
+        return (pred - target).pow(2).sum(-1).mean()
+    if kind == "smooth_l1":
+        return F.smooth_l1_loss(pred, target, beta=0.01)
+    raise ValueError(f"loss.kind={kind!r} is not one of l1, l2, smooth_l1")
+
+
+def weight_for(name: str, weights: Mapping[str, float]) -> float:
+    """`clip` weighs every `clip_<axis>` term unless a per-axis weight is given."""
+    if name in weights:
+        return float(weights[name])
+    if name.startswith("clip_") and "clip" in weights:
+        return float(weights["clip"])
+    return 0.0
+
+
+def weighted_total(terms: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
+    """The training objective: the one place where weights meet terms."""
+    total = None
+    for name, value in terms.items():
+        if name.startswith(MONITOR_PREFIXES):
+            continue
+        w = weight_for(name, weights)
+        if w == 0.0:
+            continue
+        total = w * value if total is None else total + w * value
+    if total is None:
+        raise ValueError(f"every loss weight is zero for terms {sorted(terms)}; set loss.weights")
+    return total
+
+
+class CLIPHand3DLoss(nn.Module):
+    """Pose, vertex and contrastive terms as a named dict; `total()` sums them with the config weights."""
+
+    def __init__(self, *, weights: Mapping[str, float], kind: str = "l1", contrastive: nn.Module | None = None):
+        super().__init__()
+        self.weights = {k: float(v) for k, v in dict(weights).items()}
+        self.kind = kind
+        point_error(torch.zeros(1, 1, 3), torch.zeros(1, 1, 3), kind)  # fail on a bad kind at build time
+        self.contrastive = contrastive if self.weights.get("clip", 0.0) > 0 or any(
+            k.startswith("clip_") and v > 0 for k, v in self.weights.items()) else None
+
+    @property
+    def uses_text(self) -> bool:
+        return self.contrastive is not None
+
+    def forward(self, outputs: dict, batch: dict, text_feats: Mapping[str, torch.Tensor] | None = None) -> dict:
+        target = batch["joints_uvd"]
+        terms = {
+            "joints_coarse": point_error(outputs["joints_coarse"], target, self.kind),
+            "joints": point_error(outputs["joints"], target, self.kind),
+        }
+        dense = target
+        if outputs.get("verts") is not None and "verts_uvd" in batch:
+            dense = batch["verts_uvd"]
+            terms["verts"] = point_error(outputs["verts"], dense, self.kind)
+        if outputs.get("stages"):
+            terms["stages"] = sum(point_error(pred, dense[:, idx], self.kind)
+                                  for pred, idx in zip(outputs["stages"], outputs["stage_index"])) / len(outputs["stages"])
+        if self.contrastive is not None:
+            if text_feats is None or "pose_feats" not in outputs:
+                raise ValueError("the contrastive loss is on (loss.weights.clip > 0) but no text features were "
+                                 "computed; check that the dataset has a prompt generator (prompt=...)")
+            prompts = batch.get("prompts") or None
+            terms.update(self.contrastive(outputs["pose_feats"], text_feats, prompts))
+        return terms
+
+    def total(self, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return weighted_total(terms, self.weights)
