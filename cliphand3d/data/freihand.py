@@ -1,0 +1,210 @@
+"""FreiHAND v2 reader: the official on-disk layout (DESIGN 2, data/README.md).
+
+    <root>/training/rgb/%08d.jpg      unique id + U * version, version 0..3 (U = 32,560 in the release)
+    <root>/training/mask/%08d.jpg     unique ids only; hand where the JPEG is > 127
+    <root>/training_{K,xyz,verts,scale,mano}.json
+    <root>/evaluation/rgb/%08d.jpg
+    <root>/evaluation_{K,scale}.json  and, from FreiHAND_pub_v2_eval, evaluation_{xyz,verts}.json
+
+The unique count U is the length of the json lists, never the constant, so fixtures written by
+`writers.write_freihand` with a few hands read the same way as the release.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..geometry import crop_and_rotate, project, square_box
+from .base import DatasetError, HandDataset, RawSample, check_lengths, load_json, read_image, require_dir
+from .transforms import EVAL_CROP, CropAugment, box_from_mask, normalize_image
+
+RELEASE_UNIQUE_TRAIN = 32560  # the release's unique training hands; for messages only
+NUM_VERSIONS = 4
+PAGE_URL = "https://lmb.informatik.uni-freiburg.de/resources/datasets/FreihandDataset.en.html"
+TRAIN_ZIP_URL = "https://lmb.informatik.uni-freiburg.de/data/freihand/FreiHAND_pub_v2.zip"
+EVAL_ZIP_URL = "https://lmb.informatik.uni-freiburg.de/data/freihand/FreiHAND_pub_v2_eval.zip"
+CROPS = ("mask", "joints", "full")
+SPLITS = {"train": "training", "eval": "evaluation"}
+
+
+def download_fix(root: str | Path) -> str:
+    return (f"download FreiHAND_pub_v2.zip ({TRAIN_ZIP_URL}) and, for evaluation labels, FreiHAND_pub_v2_eval.zip "
+            f"({EVAL_ZIP_URL}) from {PAGE_URL}; run `unzip FreiHAND_pub_v2.zip -d {root}` so that "
+            f"{root}/training/rgb and {root}/training_K.json exist (or set data.root to the folder holding them), "
+            f"then unzip FreiHAND_pub_v2_eval.zip elsewhere and copy its evaluation_xyz.json and "
+            f"evaluation_verts.json into {root} (see data/README.md)")
+
+
+def eval_gt_fix(root: str | Path) -> str:
+    return (f"download FreiHAND_pub_v2_eval.zip ({EVAL_ZIP_URL}, from {PAGE_URL}), unzip it and copy its "
+            f"evaluation_xyz.json and evaluation_verts.json next to {root}/evaluation_K.json; or pass "
+            f"require_gt=False (data.val.require_gt=false) to read the evaluation images without labels")
+
+
+def load_array(path: Path, shape: tuple[int, ...], fix: str, dtype=np.float64) -> np.ndarray:
+    """A json list of per-sample arrays -> one (M, *shape) array; -1 in shape = any size."""
+    data = load_json(path, fix)
+    if not isinstance(data, list):
+        raise DatasetError(f"{path}: expected a json list with one entry per sample, got {type(data).__name__}.\n"
+                           f"  fix: {fix}")
+    try:
+        a = np.asarray(data, dtype=dtype)
+    except (TypeError, ValueError):
+        raise DatasetError(f"{path}: entries are not numeric arrays of one shape {shape}.\n  fix: {fix}") from None
+    if not data:
+        return np.zeros((0,) + tuple(max(n, 0) for n in shape), dtype=dtype)
+    if shape == () and a.ndim == 2 and a.shape[1] == 1:  # scalars written as [x]
+        a = a[:, 0]
+    if a.ndim != 1 + len(shape) or any(s not in (-1, n) for s, n in zip(shape, a.shape[1:])):
+        raise DatasetError(f"{path}: each entry must have shape {shape}, got {a.shape[1:]}.\n  fix: {fix}")
+    return a
+
+
+def file_id(unique_id: int, version: int, num_unique: int) -> int:
+    """Image id of background version `version` of training hand `unique_id` (U = num_unique)."""
+    return int(unique_id) + int(num_unique) * int(version)
+
+
+def full_box(width: int, height: int) -> tuple[float, float, float]:
+    """The square box whose edges are the image's (pixel centres at integers)."""
+    return (width - 1) / 2.0, (height - 1) / 2.0, float(max(width, height))
+
+
+class FreiHAND(HandDataset):
+    """FreiHAND v2 as hand items (docs/conventions.md).
+
+    split: "train" (training/, with masks and meshes) or "eval" (evaluation/).
+    versions: which of the 4 background versions of every training hand to use (train only); the
+        dataset is version-major: index = position in `versions` * U + unique id.
+    crop: "mask" = square box around the training mask (train default); "joints" = around the
+        projected joints; "full" = the whole 224 image (eval default: evaluation has no masks). With
+        crop="full" and no augment, the crop is exactly the image (scale 1.0, not the usual 1.3).
+    require_gt: eval only. True: evaluation_xyz.json and evaluation_verts.json must exist. False: they
+        are used when present; without them `has_labels` is False and items carry only `image`, `K`,
+        `scale` (evaluation_scale.json, metres) and `meta` -- no label keys, so nothing fake reaches a
+        metric.
+    """
+
+    protocol = "freihand"
+    has_verts = True
+
+    def __init__(self, root: str | Path, split: str = "train", versions: Sequence[int] = (0,), img_size: int = 256,
+                 augment: CropAugment | None = None, prompts=None, seed: int = 0, crop: str | None = None,
+                 require_gt: bool = True):
+        if split not in SPLITS:
+            raise DatasetError(f"FreiHAND split {split!r} is not one of {list(SPLITS)} (data.*.split)")
+        crop = crop or ("mask" if split == "train" else "full")
+        if crop not in CROPS:
+            raise DatasetError(f"FreiHAND crop {crop!r} is not one of {list(CROPS)} (data.*.crop)")
+        if split == "eval" and crop == "mask":
+            raise DatasetError("FreiHAND evaluation has no masks: use crop='full' or crop='joints' (data.val.crop)")
+        if crop == "full" and augment is None:
+            augment = CropAugment(train=False, scale=1.0)
+        super().__init__(img_size=img_size, augment=augment, prompts=prompts, seed=seed)
+        self.root = require_dir(root, "FreiHAND root", download_fix(root))
+        self.split, self.crop = split, crop
+        name = SPLITS[split]
+        fix = download_fix(self.root)
+        self.image_dir = require_dir(self.root / name / "rgb", "FreiHAND images", fix)
+        self.K = load_array(self.root / f"{name}_K.json", (3, 3), fix)
+        self.scale = load_array(self.root / f"{name}_scale.json", (), fix)
+        self.xyz = self.verts = None
+        if split == "train":
+            self.versions = self._check_versions(versions)
+            self.mask_dir = require_dir(self.root / name / "mask", "FreiHAND masks", fix)
+            self.xyz = load_array(self.root / f"{name}_xyz.json", (21, 3), fix)
+            # float32: 778 x 3 per hand is 300 MB for the release even so
+            self.verts = load_array(self.root / f"{name}_verts.json", (-1, 3), fix, np.float32)
+        else:
+            self.versions = (0,)
+            self.mask_dir = None
+            gt = [self.root / f"{name}_{k}.json" for k in ("xyz", "verts")]
+            if require_gt or all(p.is_file() for p in gt):
+                gt_fix = eval_gt_fix(self.root)
+                self.xyz = load_array(gt[0], (21, 3), gt_fix)
+                self.verts = load_array(gt[1], (-1, 3), gt_fix, np.float32)
+        self.has_labels = self.xyz is not None
+        if not self.has_labels and crop == "joints":
+            raise DatasetError("crop='joints' needs joint labels; the evaluation split has none here "
+                               f"({eval_gt_fix(self.root)})")
+        lists = {f"{name}_K.json": self.K, f"{name}_scale.json": self.scale}
+        if self.has_labels:
+            lists.update({f"{name}_xyz.json": self.xyz, f"{name}_verts.json": self.verts})
+        self.num_unique = check_lengths(lists, f"re-extract the annotation files under {self.root}; {fix}")
+        if self.num_unique == 0:
+            raise DatasetError(f"{self.root}/{name}_K.json is empty.\n  fix: {fix}")
+
+    @staticmethod
+    def _check_versions(versions: Sequence[int]) -> tuple[int, ...]:
+        vs = (int(versions),) if np.isscalar(versions) else tuple(int(v) for v in versions)
+        if not vs or len(set(vs)) != len(vs) or not all(0 <= v < NUM_VERSIONS for v in vs):
+            raise DatasetError(f"FreiHAND versions must be distinct values in 0..{NUM_VERSIONS - 1}, got "
+                               f"{list(vs)} (data.versions)")
+        return vs
+
+    def __len__(self) -> int:
+        return self.num_unique * len(self.versions)
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """Dataset index -> (unique id, file id); file id = unique id + U * version."""
+        uid = index % self.num_unique
+        return uid, file_id(uid, self.versions[index // self.num_unique], self.num_unique)
+
+    def image_path(self, index: int) -> Path:
+        return self.image_dir / f"{self.locate(index)[1]:08d}.jpg"
+
+    def mask_path(self, index: int) -> Path:
+        if self.mask_dir is None:
+            raise DatasetError("FreiHAND evaluation has no masks")
+        return self.mask_dir / f"{self.locate(index)[0]:08d}.jpg"
+
+    def read_mask(self, index: int) -> np.ndarray:
+        """bool (H, W): the hand in the training mask (JPEG, so thresholded at 127)."""
+        return read_image(self.mask_path(index), grayscale=True) > 127
+
+    def _box(self, index: int, image: np.ndarray, xyz: np.ndarray | None, K: np.ndarray):
+        if self.crop == "full":
+            return full_box(image.shape[1], image.shape[0])
+        if self.crop == "joints":
+            return square_box(project(xyz, K), scale=1.0)
+        mask = self.read_mask(index)
+        if not mask.any():
+            raise DatasetError(f"{self.mask_path(index)}: the mask is empty, so no crop box can be made.\n"
+                               "  fix: re-extract the file, or use crop='joints' (data.train.crop=joints)")
+        return box_from_mask(mask)
+
+    def load_raw(self, index: int) -> RawSample:
+        if not self.has_labels:
+            raise DatasetError(f"FreiHAND {self.split} has no labels here.\n  fix: {eval_gt_fix(self.root)}")
+        uid, _ = self.locate(index)
+        path = self.image_path(index)
+        image = read_image(path)
+        K, xyz = self.K[uid], self.xyz[uid]
+        return RawSample(image=image, K=K, xyz=xyz, box=self._box(index, image, xyz, K), file=str(path),
+                         verts=self.verts[uid].astype(np.float64), extra={"unique_id": uid})
+
+    def __getitem__(self, index: int) -> dict:
+        if self.has_labels:
+            return super().__getitem__(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for FreiHAND of length {len(self)}")
+        path = self.image_path(index)
+        image = read_image(path)
+        aug = self.augment if self.augment is not None else EVAL_CROP
+        p = aug.sample(None)  # unlabeled items are for inference: always the deterministic crop
+        cx, cy, side = self._box(index, image, None, self.K[index])
+        crop, K, _ = crop_and_rotate(image, self.K[index], (cx, cy), side * p["scale"], self.img_size)
+        return {"image": normalize_image(crop), "K": torch.as_tensor(K, dtype=torch.float32),
+                "scale": torch.tensor(float(self.scale[index]), dtype=torch.float32),
+                "meta": {"index": int(index), "file": str(path)}}
+
+    def labels_for_template(self, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(xyz (M, 21, 3) float64, verts (M, N, 3) float32) metres of the first `limit` (default all U) unique
+        hands, from the json only (no images)."""
+        if not self.has_labels:
+            raise DatasetError(f"FreiHAND {self.split} has no labels here.\n  fix: {eval_gt_fix(self.root)}")
+        m = self.num_unique if limit is None else min(int(limit), self.num_unique)
+        return self.xyz[:m], self.verts[:m]

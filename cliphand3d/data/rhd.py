@@ -1,0 +1,180 @@
+"""RHD (Rendered Hand Pose, RHD_published_v2) reader: the official on-disk layout (DESIGN 2).
+
+    <root>/{training,evaluation}/color/%05d.png   320x320 RGB
+    <root>/{training,evaluation}/mask/%05d.png    class ids: 0 background, 1 person, 2-17 left hand,
+                                                  18-33 right hand
+    <root>/{training,evaluation}/depth/%05d.png   metres = (R * 256 + G) / 65535 * 5
+    <root>/{split}/anno_{split}.pickle            id -> {'xyz': (42, 3) m, 'uv_vis': (42, 3), 'K': (3, 3)}
+
+Keypoints 0-20 are the left hand, 21-41 the right, each in RHD order (wrist, then every finger
+tip -> base). A sample's hand is the one with more mask pixels; it is converted to MPII order and,
+when left, mirrored to a right hand.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..geometry import mirror_lr, project, square_box
+from ..skeleton import NUM_JOINTS, rhd_to_mpii
+from .base import DatasetError, HandDataset, RawSample, load_plain_pickle, read_image, read_image_raw, require_dir
+from .transforms import CropAugment, box_from_mask
+
+PAGE_URL = "https://lmb.informatik.uni-freiburg.de/resources/datasets/RenderedHandposeDataset.en.html"
+ZIP_URL = "https://lmb.informatik.uni-freiburg.de/data/RenderedHandpose/RHD_v1-1.zip"
+SPLITS = {"train": "training", "eval": "evaluation"}
+BACKGROUND, PERSON = 0, 1
+LEFT_IDS = (2, 17)  # inclusive ranges of mask class ids
+RIGHT_IDS = (18, 33)
+DEPTH_MAX_M = 5.0  # the 16-bit depth code spans 0..5 m
+
+
+def download_fix(root: str | Path) -> str:
+    return (f"download RHD_v1-1.zip ({ZIP_URL}, from {PAGE_URL}), run `unzip RHD_v1-1.zip` and set data.root "
+            f"to the RHD_published_v2 folder it creates (the one holding training/ and evaluation/); now {root}")
+
+
+# --------------------------------------------------------------------------- depth and masks
+def decode_depth(rgb: np.ndarray) -> np.ndarray:
+    """RHD depth PNG as RGB uint8 (H, W, 3) -> float32 metres. R holds the high byte, G the low one."""
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] < 2:
+        raise ValueError(f"RHD depth must be an (H, W, 3) RGB image, got shape {rgb.shape}")
+    code = rgb[..., 0].astype(np.float32) * 256.0 + rgb[..., 1].astype(np.float32)
+    return code / 65535.0 * DEPTH_MAX_M
+
+
+def read_depth(path: str | Path) -> np.ndarray:
+    """Depth PNG file -> float32 metres (`read_image_raw` already turned OpenCV's BGR into RGB)."""
+    return decode_depth(read_image_raw(path))
+
+
+def hand_pixel_counts(mask: np.ndarray) -> dict[str, int]:
+    return {"left": int(((mask >= LEFT_IDS[0]) & (mask <= LEFT_IDS[1])).sum()),
+            "right": int(((mask >= RIGHT_IDS[0]) & (mask <= RIGHT_IDS[1])).sum())}
+
+
+def choose_hand(mask: np.ndarray, visible: np.ndarray | None = None) -> str:
+    """'left' or 'right': more mask pixels wins; ties (e.g. no hand pixels) go to the hand with more
+    visible keypoints (visible: (42,) flags), then to the right hand."""
+    n = hand_pixel_counts(mask)
+    if n["left"] != n["right"]:
+        return "left" if n["left"] > n["right"] else "right"
+    if visible is not None and visible[:NUM_JOINTS].sum() > visible[NUM_JOINTS:].sum():
+        return "left"
+    return "right"
+
+
+def hand_slots(side: str) -> slice:
+    return slice(0, NUM_JOINTS) if side == "left" else slice(NUM_JOINTS, 2 * NUM_JOINTS)
+
+
+def hand_mask(mask: np.ndarray, side: str) -> np.ndarray:
+    lo, hi = LEFT_IDS if side == "left" else RIGHT_IDS
+    return (mask >= lo) & (mask <= hi)
+
+
+# --------------------------------------------------------------------------- annotations
+def load_annotations(path: Path, fix: str) -> tuple[list[int], dict[str, np.ndarray]]:
+    """anno_{split}.pickle -> (sorted sample ids, {'xyz', 'uv_vis', 'K'} stacked over samples)."""
+    anno = load_plain_pickle(path, fix)
+    if not isinstance(anno, dict) or not anno:
+        raise DatasetError(f"{path}: expected a non-empty dict sample id -> annotation, got "
+                           f"{type(anno).__name__}.\n  fix: {fix}")
+    shapes = {"xyz": (2 * NUM_JOINTS, 3), "uv_vis": (2 * NUM_JOINTS, 3), "K": (3, 3)}
+    ids = sorted(anno)
+    out: dict[str, list] = {k: [] for k in shapes}
+    for sid in ids:
+        entry = anno[sid]
+        if not isinstance(entry, dict):
+            raise DatasetError(f"{path}: sample {sid!r} is a {type(entry).__name__}, not a dict.\n  fix: {fix}")
+        for key, shape in shapes.items():
+            if key not in entry:
+                raise DatasetError(f"{path}: sample {sid!r} has no key {key!r} (keys: {sorted(entry)}).\n  fix: {fix}")
+            a = np.asarray(entry[key], dtype=np.float64)
+            if a.shape != shape:
+                raise DatasetError(f"{path}: sample {sid!r} key {key!r} has shape {a.shape}, expected {shape}.\n"
+                                   f"  fix: {fix}")
+            out[key].append(a)
+    try:
+        ids = [int(s) for s in ids]
+    except (TypeError, ValueError):
+        raise DatasetError(f"{path}: sample ids must be integers (file names are %05d.png).\n  fix: {fix}") from None
+    return ids, {k: np.stack(v) for k, v in out.items()}
+
+
+class RHD(HandDataset):
+    """RHD as hand items (docs/conventions.md): right hands in MPII order, `visible` flags kept.
+
+    The crop box surrounds the chosen hand's mask pixels; a sample whose hand has no mask pixels
+    falls back to the box around its projected joints. `load_raw(i).extra` records the original
+    side ('left' / 'right'), the sample id and the stored 2D keypoints (mirrored with the hand).
+    """
+
+    protocol = "rhd"
+    has_verts = False
+
+    def __init__(self, root: str | Path, split: str = "train", img_size: int = 256,
+                 augment: CropAugment | None = None, prompts=None, seed: int = 0):
+        if split not in SPLITS:
+            raise DatasetError(f"RHD split {split!r} is not one of {list(SPLITS)} (data.*.split)")
+        super().__init__(img_size=img_size, augment=augment, prompts=prompts, seed=seed)
+        self.root = require_dir(root, "RHD root", download_fix(root))
+        self.split = split
+        name = SPLITS[split]
+        fix = download_fix(self.root)
+        self.folder = require_dir(self.root / name, f"RHD {name} folder", fix)
+        self.color_dir = require_dir(self.folder / "color", "RHD colour images", fix)
+        self.mask_dir = require_dir(self.folder / "mask", "RHD masks", fix)
+        self.depth_dir = self.folder / "depth"
+        self.anno_path = self.folder / f"anno_{name}.pickle"
+        self.ids, anno = load_annotations(self.anno_path, f"re-extract {self.anno_path.name} from RHD_v1-1.zip; {fix}")
+        self.xyz, self.uv_vis, self.K = anno["xyz"], anno["uv_vis"], anno["K"]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def color_path(self, index: int) -> Path:
+        return self.color_dir / f"{self.ids[index]:05d}.png"
+
+    def mask_path(self, index: int) -> Path:
+        return self.mask_dir / f"{self.ids[index]:05d}.png"
+
+    def depth_path(self, index: int) -> Path:
+        return self.depth_dir / f"{self.ids[index]:05d}.png"
+
+    def read_mask(self, index: int) -> np.ndarray:
+        mask = read_image_raw(self.mask_path(index))
+        return mask[..., 0] if mask.ndim == 3 else mask
+
+    def labels_for_template(self, limit: int | None = None) -> tuple[np.ndarray, None]:
+        """(xyz (M, 21, 3) float32, None): right-hand MPII joints of the first `limit` samples, read from
+        the pickle only. Without masks, each sample's hand is the one with more visible keypoints
+        (right on ties); `load_raw` decides by mask pixels, which agrees whenever one hand is seen."""
+        m = len(self) if limit is None else min(int(limit), len(self))
+        vis = self.uv_vis[:m, :, 2] > 0
+        left = vis[:, :NUM_JOINTS].sum(1) > vis[:, NUM_JOINTS:].sum(1)
+        xyz = np.where(left[:, None, None], self.xyz[:m, :NUM_JOINTS] * [-1.0, 1.0, 1.0], self.xyz[:m, NUM_JOINTS:])
+        return rhd_to_mpii(xyz).astype(np.float32), None
+
+    def load_raw(self, index: int) -> RawSample:
+        path = self.color_path(index)
+        image = read_image(path)
+        mask = self.read_mask(index)
+        if mask.shape[:2] != image.shape[:2]:
+            raise DatasetError(f"{self.mask_path(index)}: mask is {mask.shape[:2]} but the image is "
+                               f"{image.shape[:2]}.\n  fix: re-extract both files from RHD_v1-1.zip")
+        side = choose_hand(mask, self.uv_vis[index, :, 2] > 0)
+        slots = hand_slots(side)
+        xyz = rhd_to_mpii(self.xyz[index, slots])
+        uv_vis = rhd_to_mpii(self.uv_vis[index, slots])
+        K, uv, own = self.K[index], uv_vis[:, :2].copy(), hand_mask(mask, side)
+        if side == "left":
+            width = image.shape[1]
+            image, xyz, K = mirror_lr(image, xyz, K, width)
+            own = own[:, ::-1]
+            uv[:, 0] = width - 1 - uv[:, 0]
+        box = box_from_mask(own) if own.any() else square_box(project(xyz, K), scale=1.0)
+        return RawSample(image=image, K=K, xyz=xyz, box=box, file=str(path), visible=uv_vis[:, 2] > 0,
+                         extra={"side": side, "id": self.ids[index], "uv": uv})

@@ -1,0 +1,103 @@
+"""Skeleton overlays and captioned sample grids, on plain uint8 RGB images and pixel coordinates.
+
+Knows nothing of datasets or tensors, so every layer (data doctor, training logs, evaluation) can
+use it; turning an item into an image and 2D joints is the caller's job.
+"""
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .skeleton import BONES, FINGER_CHAINS, FINGERS, NUM_JOINTS
+
+# RGB, one colour per finger so that swapped fingers or a reversed order stand out at a glance.
+FINGER_COLORS: dict[str, tuple[int, int, int]] = {
+    "thumb": (230, 25, 75),
+    "index": (255, 200, 0),
+    "middle": (60, 180, 75),
+    "ring": (0, 130, 200),
+    "little": (145, 30, 180),
+}
+WRIST_COLOR = (255, 255, 255)
+_SUBPIXEL_BITS = 4  # cv2 draws at 1/16 px, so overlays do not snap to whole pixels
+
+
+def joint_colors() -> list[tuple[int, int, int]]:
+    colors = [WRIST_COLOR] * NUM_JOINTS
+    for finger in FINGERS:
+        for j in FINGER_CHAINS[finger]:
+            colors[j] = FINGER_COLORS[finger]
+    return colors
+
+
+def _fixed(p) -> tuple[int, int]:
+    return int(round(p[0] * (1 << _SUBPIXEL_BITS))), int(round(p[1] * (1 << _SUBPIXEL_BITS)))
+
+
+def draw_skeleton(image: np.ndarray, uv: np.ndarray, *, visible: np.ndarray | None = None,
+                  thickness: int | None = None, radius: int | None = None) -> np.ndarray:
+    """A copy of `image` (uint8 RGB) with the 21-joint skeleton `uv` (21, 2 pixels) drawn on it.
+
+    Bones take the colour of their finger; joints flagged invisible are drawn as hollow circles.
+    """
+    uv = np.asarray(uv, dtype=np.float64)
+    if uv.shape != (NUM_JOINTS, 2):
+        raise ValueError(f"draw_skeleton: uv must be ({NUM_JOINTS}, 2) pixels, got {uv.shape}")
+    out = np.ascontiguousarray(image, dtype=np.uint8).copy()
+    if out.ndim == 2:
+        out = np.repeat(out[..., None], 3, axis=2)
+    size = max(out.shape[:2])
+    thickness = thickness or max(1, size // 160)
+    radius = radius or max(2, size // 90)
+    if not np.isfinite(uv).all():
+        return out
+    colors = joint_colors()
+    for parent, child in BONES:
+        cv2.line(out, _fixed(uv[parent]), _fixed(uv[child]), colors[child], thickness, cv2.LINE_AA, _SUBPIXEL_BITS)
+    vis = np.ones(NUM_JOINTS, bool) if visible is None else np.asarray(visible, bool)
+    for j in range(NUM_JOINTS):
+        cv2.circle(out, _fixed(uv[j]), radius << _SUBPIXEL_BITS, colors[j], -1 if vis[j] else thickness,
+                   cv2.LINE_AA, _SUBPIXEL_BITS)
+    return out
+
+
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def _wrap(text: str, width_px: int, font_scale: float) -> list[str]:
+    char_w = cv2.getTextSize("abcdefghijklmnopqrstuvwxyz", _FONT, font_scale, 1)[0][0] / 26
+    return textwrap.wrap(text, max(8, int(width_px / char_w))) or [""]
+
+
+def make_grid(images: Sequence[np.ndarray], captions: Sequence[Sequence[str]], out: str | Path, *,
+              cols: int = 4, font_scale: float = 0.33, pad: int = 6) -> Path:
+    """Write a PNG grid: one tile per image (uint8 RGB, any sizes), its caption lines wrapped below it."""
+    if len(images) == 0:
+        raise ValueError("make_grid: no images")
+    if len(captions) != len(images):
+        raise ValueError(f"make_grid: {len(images)} images but {len(captions)} captions")
+    tile = max(max(im.shape[:2]) for im in images)
+    line_h = cv2.getTextSize("Ag", _FONT, font_scale, 1)[0][1] + 5
+    wrapped = [[ln for text in cap for ln in _wrap(text, tile, font_scale)] for cap in captions]
+    text_h = max(len(w) for w in wrapped) * line_h + pad
+    cols = max(1, min(cols, len(images)))
+    rows = -(-len(images) // cols)
+    cell_w, cell_h = tile + pad, tile + text_h + pad
+    canvas = np.full((rows * cell_h + pad, cols * cell_w + pad, 3), 255, np.uint8)
+    for i, (im, lines) in enumerate(zip(images, wrapped)):
+        x0, y0 = pad + (i % cols) * cell_w, pad + (i // cols) * cell_h
+        im = np.asarray(im, np.uint8)
+        if im.ndim == 2:
+            im = np.repeat(im[..., None], 3, axis=2)
+        canvas[y0:y0 + im.shape[0], x0:x0 + im.shape[1]] = im[..., :3]
+        for k, line in enumerate(lines):
+            cv2.putText(canvas, line, (x0, y0 + tile + (k + 1) * line_h), _FONT, font_scale, (0, 0, 0), 1, cv2.LINE_AA)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(out), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"make_grid: could not write {out}")
+    return out
