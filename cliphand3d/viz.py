@@ -101,3 +101,37 @@ def make_grid(images: Sequence[np.ndarray], captions: Sequence[Sequence[str]], o
     if not cv2.imwrite(str(out), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)):
         raise OSError(f"make_grid: could not write {out}")
     return out
+
+
+def draw_pred_vs_gt(image: np.ndarray, pred_uv: np.ndarray, gt_uv: np.ndarray) -> np.ndarray:
+    """Ground truth as a thin white skeleton under the prediction in finger colours, side by side with
+    the plain prediction, so both the error and the prediction alone can be read."""
+    gt = np.asarray(gt_uv, dtype=np.float64)
+    base = np.ascontiguousarray(image, dtype=np.uint8).copy()
+    size = max(base.shape[:2])
+    thin = max(1, size // 256)
+    for parent, child in BONES:
+        cv2.line(base, _fixed(gt[parent]), _fixed(gt[child]), WRIST_COLOR, thin, cv2.LINE_AA, _SUBPIXEL_BITS)
+    return np.concatenate([draw_skeleton(base, pred_uv), draw_skeleton(image, gt_uv)], axis=1)
+
+
+def pck_figure(curves: dict, title: str = "PCK"):
+    """A matplotlib figure of PCK curves: {label: (thresholds_mm, pck)} with the AUC in each label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    for label, (t, p) in curves.items():
+        t, p = np.asarray(t, dtype=np.float64), np.asarray(p, dtype=np.float64)
+        area = np.trapezoid(p, t) / (t[-1] - t[0]) if len(t) > 1 else float("nan")
+        ax.plot(t, p, label=f"{label} (AUC {area:.3f})")
+    ax.set_xlabel("threshold (mm)")
+    ax.set_ylabel("fraction of keypoints")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig

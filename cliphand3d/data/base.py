@@ -112,6 +112,8 @@ _ALLOWED_GLOBALS = {
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
     ("collections", "OrderedDict"),
+    # Python 3 writes numpy byte buffers in protocol-2 pickles through _codecs.encode (a pure function)
+    ("_codecs", "encode"),
 }
 
 

@@ -1,0 +1,188 @@
+"""scripts/eval.py's work: rebuild the model from a checkpoint, run the data's protocol, write results.
+
+Outputs (in `out_dir`): metrics.json, per_sample.csv, pck.png, a Markdown table (printed too) with a
+mean-pose baseline row, and for FreiHAND-format data the official submission file pred.json.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import metrics
+from .build import build_datasets, build_model, build_prompts
+from .checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from .engine import predict
+from .geometry import procrustes_align
+from .trainer import TextBranch, make_loader, pick_device, template_from_state
+
+log = logging.getLogger(__name__)
+
+TABLE_KEYS = ("pa_mpjpe_mm", "mpjpe_mm", "auc_pa_0_50", "pa_mpvpe_mm", "f5", "f15",
+              "epe_mean_mm", "epe_median_mm", "auc_20_50", "auc_0_50")
+
+
+def saved_config(ckpt: dict, where: str) -> DictConfig:
+    if "config" not in ckpt or "model" not in ckpt:
+        raise CheckpointError(f"{where} is not a cliphand3d training checkpoint (no 'config'/'model' entries); "
+                              "pass a last.pt / best.pt written by scripts/train.py")
+    return OmegaConf.create(ckpt["config"])
+
+
+def eval_config(cfg: DictConfig, saved: DictConfig) -> DictConfig:
+    """The run's config with eval-time data overrides: `data=NAME` replaces the data group,
+    `root=DIR` sets data.root."""
+    run = saved.copy()
+    OmegaConf.set_struct(run, False)
+    if cfg.get("data") is not None:
+        run.data = cfg.data
+        run.data.img_size = saved.data.img_size  # the model was built for this crop size
+    if cfg.get("root") is not None:
+        run.data.root = cfg.root
+    return run
+
+
+def mean_pose_predictions(template, gt_xyz: np.ndarray, gt_verts: np.ndarray | None, joints_only: bool):
+    """The baseline a trained model must beat: the training set's mean pose (the data-derived template,
+    canonical orientation), placed at the true root with the true bone length."""
+    from .skeleton import bone_length
+
+    bone = bone_length(gt_xyz)[:, None, None]
+    root = gt_xyz[:, :1]
+    tj = np.asarray(template.joints)
+    pred_xyz = root + (tj - tj[:1])[None] * bone
+    pred_verts = None
+    if gt_verts is not None and not joints_only:
+        pred_verts = root + (np.asarray(template.verts) - tj[:1])[None] * bone
+    return pred_xyz, pred_verts
+
+
+def markdown_table(rows: dict[str, dict]) -> str:
+    keys = [k for k in TABLE_KEYS if any(k in r for r in rows.values())]
+    retrieval = {k for r in rows.values() for k in r if k.startswith("retrieval_")}
+    keys += sorted(retrieval, key=lambda k: (k.split("_")[1], int(k.rsplit("_", 1)[1]) if k.count("_") > 1 else 0))
+    head = "| | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
+    body = ""
+    for name, r in rows.items():
+        cells = []
+        for k in keys:
+            v = r.get(k)
+            cells.append("" if v is None or (isinstance(v, float) and np.isnan(v)) else
+                         f"{v:.2f}" if k.endswith("_mm") else f"{v:.3f}")
+        body += f"| {name} | " + " | ".join(cells) + " |\n"
+    return head + body
+
+
+def write_pred_json(path: Path, pred_xyz: np.ndarray, pred_verts: np.ndarray | None) -> None:
+    """The official FreiHAND submission: [xyz_list, verts_list], metres, dataset order."""
+    xyz_list = np.asarray(pred_xyz, dtype=np.float64).tolist()
+    verts_list = (np.asarray(pred_verts, dtype=np.float64).tolist() if pred_verts is not None
+                  else [[] for _ in xyz_list])
+    path.write_text(json.dumps([xyz_list, verts_list]))
+
+
+def run_eval(cfg: DictConfig) -> dict:
+    ckpt_path = Path(cfg.ckpt).expanduser()
+    ckpt = load_checkpoint(ckpt_path)
+    saved = saved_config(ckpt, str(ckpt_path))
+    run = eval_config(cfg, saved)
+    device = pick_device(cfg.device, 0)
+    template = template_from_state(ckpt["template"])
+
+    model = build_model(run, template)
+    weights = ckpt["model"]
+    if cfg.use_ema and ckpt.get("ema"):
+        weights = ckpt["ema"]["module"] if "module" in ckpt["ema"] else weights
+    load_model_weights(model, weights, str(ckpt_path))
+    model.to(device).eval()
+
+    text_branch = None
+    if _has_adapters(ckpt):
+        text_branch = _text_branch(run, ckpt, device)
+    prompts = build_prompts(run) if text_branch is not None else None
+    split = cfg.split
+    dataset = build_datasets(run, prompts, splits=(split,))[split]
+    loader = make_loader(dataset, batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers), device=device)
+    preds = predict(model, loader, device, text_branch=text_branch)
+    order = np.argsort(preds["index"], kind="stable")
+    preds = {k: (np.asarray(v)[order] if not k.startswith("prompt_") else [v[i] for i in order])
+             for k, v in preds.items()}
+    protocol = getattr(dataset, "protocol", "freihand")
+    res = metrics.evaluate(protocol, preds["pred_xyz"], preds["gt_xyz"], preds.get("pred_verts"),
+                           preds.get("gt_verts"), preds.get("visible"))
+    for a in ("x", "y", "z"):
+        if f"pose_feat_{a}" in preds:
+            by_bs = metrics.retrieval_by_batch(preds[f"pose_feat_{a}"], preds[f"text_feat_{a}"],
+                                               preds[f"prompt_{a}"], tuple(cfg.retrieval_batch_sizes))
+            for bs, acc in by_bs.items():
+                res[f"retrieval_{a}_{bs}"] = acc
+    base_xyz, base_verts = mean_pose_predictions(template, preds["gt_xyz"], preds.get("gt_verts"),
+                                                 model.regressor.joints_only)
+    baseline = metrics.evaluate(protocol, base_xyz, preds["gt_xyz"], base_verts,
+                                preds.get("gt_verts") if base_verts is not None else None, preds.get("visible"))
+
+    out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else ckpt_path.parent.parent / f"eval_{ckpt_path.stem}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"checkpoint": str(ckpt_path), "protocol": protocol, "split": split, "num_samples": len(order),
+              "step": ckpt.get("train_state", {}).get("step"), **res,
+              "baseline_mean_pose": baseline}
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    per = metrics.per_sample_errors(preds["pred_xyz"], preds["gt_xyz"], preds.get("visible"))
+    with open(out_dir / "per_sample.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "pa_mpjpe_mm", "mpjpe_mm"])
+        for i, idx in enumerate(preds["index"]):
+            w.writerow([int(idx), f"{per['pa_mpjpe_mm'][i]:.3f}", f"{per['mpjpe_mm'][i]:.3f}"])
+    _pck_plot(out_dir / "pck.png", protocol, preds, base_xyz)
+    if _wants_pred_json(cfg, dataset):
+        write_pred_json(out_dir / "pred.json", preds["pred_xyz"], preds.get("pred_verts"))
+    table = markdown_table({f"CLIP-Hand3D ({ckpt_path.name})": res, "mean-pose baseline": baseline})
+    (out_dir / "table.md").write_text(table)
+    print(f"\n{protocol} protocol, {len(order)} samples ({split} split of {type(dataset).__name__})\n")
+    print(table)
+    print(f"written to {out_dir}")
+    return result
+
+
+def _has_adapters(ckpt: dict) -> bool:
+    return any(k.startswith("adapters.") for k in ckpt.get("train_heads", {}))
+
+
+def _text_branch(run: DictConfig, ckpt: dict, device: torch.device):
+    """The frozen text encoder (from config) and the trained adapters (from the checkpoint), for retrieval.
+    Without the text weights (offline, no local file) retrieval is skipped with a warning."""
+    from hydra.utils import instantiate
+
+    try:
+        encoder = instantiate(run.text.encoder)
+    except Exception as e:  # the text tower is optional for evaluation: pose metrics still stand
+        log.warning("retrieval skipped: the text encoder cannot be built (%s)", str(e).splitlines()[0])
+        return None
+    adapters = instantiate(run.text.adapters, embed_dim=encoder.embed_dim, axes=list(run.prompt.axes))
+    heads = {k[len("adapters."):]: v for k, v in ckpt["train_heads"].items() if k.startswith("adapters.")}
+    adapters.load_state_dict(heads)
+    return TextBranch(encoder.to(device), adapters.to(device).eval())
+
+
+def _wants_pred_json(cfg: DictConfig, dataset) -> bool:
+    if cfg.write_pred_json == "auto":
+        return type(dataset).__name__ == "FreiHAND"
+    return bool(cfg.write_pred_json)
+
+
+def _pck_plot(path: Path, protocol: str, preds: dict, base_xyz: np.ndarray) -> None:
+    from . import viz
+
+    curves = {}
+    for name, p in (("model", preds["pred_xyz"]), ("mean-pose baseline", base_xyz)):
+        aligned = procrustes_align(p, preds["gt_xyz"]) if protocol != "rhd" else None
+        d = (np.linalg.norm(aligned - preds["gt_xyz"], axis=-1) if aligned is not None else
+             np.linalg.norm(np.subtract(*metrics.hand3d_normalise(p, preds["gt_xyz"])), axis=-1))
+        curves[name] = metrics.pck_curve(d, preds.get("visible") if protocol == "rhd" else None)
+    title = "PCK (Procrustes-aligned)" if protocol != "rhd" else "PCK (root-relative, GT bone)"
+    viz.pck_figure(curves, title=title).savefig(path, dpi=120, bbox_inches="tight")

@@ -1,0 +1,73 @@
+"""What a run shows a person: a tqdm bar, TensorBoard scalars, skeleton images and the PCK curve.
+
+Only rank 0 logs; on other ranks every method is a no-op so the training code needs no rank checks.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+class _NullBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, *a, **k):
+        pass
+
+    def close(self):
+        pass
+
+
+class RunLogger:
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True,
+                 num_images: int = 8):
+        self.enabled = enabled
+        self.num_images = num_images
+        self.writer = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(run_dir) / "tb"))
+
+    def progress(self, total: int, initial: int = 0):
+        if not self.enabled:
+            return _NullBar()
+        return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, float(value), step)
+
+    def validation_figures(self, dataset, preds: dict, step: int) -> None:
+        """Predicted (and true) skeletons on the first validation crops, and the PCK curve."""
+        if self.writer is None:
+            return
+        from . import metrics, viz
+        from .data.transforms import denormalize_image
+        from .geometry import project
+
+        n = min(self.num_images, len(preds["pred_xyz"]))
+        tiles = []
+        for i in range(n):
+            item = dataset[int(preds["index"][i])]
+            img = denormalize_image(item["image"])
+            K = item["K"].numpy().astype(np.float64)
+            gt_uv = project(item["joints_xyz"].numpy().astype(np.float64), K)
+            pred_uv = project(preds["pred_xyz"][i].astype(np.float64), K)
+            tiles.append(viz.draw_pred_vs_gt(img, pred_uv, gt_uv))
+        if tiles:
+            self.writer.add_images("val/skeletons", np.stack(tiles), step, dataformats="NHWC")
+        dists = metrics.keypoint_distances(preds["pred_xyz"] - preds["pred_xyz"][:, :1],
+                                           preds["gt_xyz"] - preds["gt_xyz"][:, :1])
+        thresholds, curve = metrics.pck_curve(dists)
+        self.writer.add_figure("val/pck_root_relative", viz.pck_figure({"model": (thresholds, curve)}), step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,328 @@
+"""scripts/train.py's work: build everything from the config, train, validate, checkpoint, resume.
+
+The loop bodies live in `engine`; this module owns the run: devices and DDP, the optimiser and its
+schedule, periodic and best checkpoints, `resume=auto`, TensorBoard.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from . import dist, metrics
+from .build import build_criterion, build_datasets, build_model, build_prompts, build_template, build_text
+from .checkpoint import (capture_rng_state, compare_configs, config_to_container, find_resume_checkpoint,
+                         load_checkpoint, load_model_weights, restore_rng_state, save_checkpoint)
+from .data.sampler import ResumableSampler
+from .ema import ModelEMA
+from .engine import NonFiniteLossError, TrainState, autocast_for, predict, train_one_epoch, unwrap
+from .models.template import MeshTemplate
+from .models.training import TrainingModule
+from .run_logger import RunLogger
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- optimiser and schedule
+def build_optimizer(module: torch.nn.Module, *, lr: float, weight_decay: float, betas=(0.9, 0.999),
+                    backbone_lr_mult: float = 1.0) -> torch.optim.AdamW:
+    """AdamW; no decay on norms, biases and logit scales (decaying them only fights the model)."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim <= 1 or "logit_scale" in name
+        is_backbone = ".backbone." in f".{name}"
+        groups.setdefault((no_decay, is_backbone), []).append(p)
+    param_groups = [{"params": ps, "weight_decay": 0.0 if nd else weight_decay,
+                     "lr": lr * (backbone_lr_mult if bb else 1.0)} for (nd, bb), ps in sorted(groups.items())]
+    return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(betas))
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warm-up from ~0, then cosine decay to `min_lr_ratio`."""
+    if step < warmup_steps:
+        return (step + 1) / max(warmup_steps, 1)
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------- devices
+def pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- checkpoint state
+def template_state(template: MeshTemplate) -> dict:
+    return {k: torch.as_tensor(v) for k, v in template.to_dict().items()}
+
+
+def template_from_state(state: dict) -> MeshTemplate:
+    return MeshTemplate.from_dict({k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in state.items()})
+
+
+def make_loader(dataset, *, batch_size: int, num_workers: int, sampler=None, shuffle=False, drop_last=False,
+                device: torch.device):
+    # Its own generator: creating a loader iterator would otherwise draw from the global torch RNG, and a
+    # resumed run (which creates one mid-epoch) would drift from an uninterrupted one.
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle if sampler is None else False,
+                      num_workers=num_workers, drop_last=drop_last, pin_memory=device.type == "cuda",
+                      persistent_workers=False, generator=torch.Generator().manual_seed(0))
+
+
+def validate(model, loader, device, protocol: str, text_branch=None) -> tuple[dict, dict]:
+    """Predictions over the val loader -> the same metrics eval.py reports."""
+    preds = predict(model, loader, device, text_branch=text_branch)
+    res = metrics.evaluate(protocol, preds["pred_xyz"], preds["gt_xyz"], preds.get("pred_verts"),
+                           preds.get("gt_verts"), preds.get("visible"))
+    for a in ("x", "y", "z"):
+        if f"pose_feat_{a}" in preds:
+            res[f"retrieval_{a}"] = metrics.retrieval_top1(preds[f"pose_feat_{a}"], preds[f"text_feat_{a}"],
+                                                           preds[f"prompt_{a}"])
+    return res, preds
+
+
+class TextBranch:
+    """prompts {axis: [str]} -> adapted text features; used for retrieval during validation."""
+
+    def __init__(self, encoder, adapters):
+        self.encoder, self.adapters = encoder, adapters
+
+    def __call__(self, prompts: dict) -> dict:
+        was = self.adapters.training
+        self.adapters.eval()
+        try:
+            return self.adapters(self.encoder.encode_axes(prompts))
+        finally:
+            self.adapters.train(was)
+
+
+def rank_weight_checksums(module: torch.nn.Module) -> list[float]:
+    """One float64 checksum of the trainable weights per rank, gathered on every rank: DDP replicas
+    must agree exactly, and a mismatch is logged (it means ranks trained different models)."""
+    with torch.no_grad():
+        total = sum((p.detach().double() * (i + 1)).sum() for i, p in enumerate(
+            q for q in module.parameters() if q.requires_grad))
+        t = torch.as_tensor(total, dtype=torch.float64).reshape(1)
+        if not dist.is_dist():
+            return [float(t.item())]
+        t = t.to(next(module.parameters()).device)
+        parts = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+        torch.distributed.all_gather(parts, t)
+    sums = [float(p.item()) for p in parts]
+    if len(set(sums)) > 1:
+        log.error("DDP replicas disagree: weight checksums per rank %s", sums)
+    return sums
+
+
+# --------------------------------------------------------------------------- the run
+def train(cfg: DictConfig) -> dict:
+    """Train as configured; returns the last validation metrics (and writes them to the run dir)."""
+    rank, world, local_rank = dist.init_distributed(cfg.trainer.get("dist_backend"))
+    try:
+        return _train(cfg, rank, world, local_rank)
+    finally:
+        dist.cleanup()
+
+
+def _train(cfg: DictConfig, rank: int, world: int, local_rank: int) -> dict:
+    tcfg = cfg.trainer
+    run_dir = Path(cfg.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    device = pick_device(tcfg.device, local_rank)
+    main = rank == 0
+    resume_path = find_resume_checkpoint(run_dir, cfg.resume)
+    if resume_path is None and (ckpt_dir / "last.pt").is_file() and main:
+        raise SystemExit(f"{ckpt_dir / 'last.pt'} exists: this run folder already holds a run.\n"
+                         f"  fix: resume=auto to continue it, or name=<new name> (or run_dir=...) for a new run")
+    seed_everything(int(cfg.seed))
+
+    prompts = build_prompts(cfg)
+    sets = build_datasets(cfg, prompts)
+    train_set, val_set = sets["train"], sets["val"]
+    saved = load_checkpoint(resume_path) if resume_path is not None else None
+    if saved is not None:
+        diffs = compare_configs(saved.get("config", {}), config_to_container(cfg),
+                                keys=("model", "data", "text", "prompt", "loss", "model_template"))
+        if diffs:
+            raise SystemExit(f"cannot resume from {resume_path}: the config differs at {diffs}.\n"
+                             "  fix: run with the saved settings, or start a new run with name=<new name>")
+        template = template_from_state(saved["template"])
+    else:
+        template = build_template(cfg, train_set)
+    model = build_model(cfg, template)
+    encoder, adapters = build_text(cfg)
+    criterion = build_criterion(cfg)
+    if not criterion.uses_text:
+        # Without the contrastive term nothing trains the pose-feature heads; freezing them keeps DDP
+        # from waiting for gradients that never come.
+        for p in model.pose_heads.parameters():
+            p.requires_grad_(False)
+    module = TrainingModule(model, criterion, encoder, adapters).to(device)
+    if world > 1:
+        module = torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    ocfg = cfg.optim
+    optimizer = build_optimizer(module, lr=ocfg.lr, weight_decay=ocfg.weight_decay, betas=ocfg.betas,
+                                backbone_lr_mult=ocfg.backbone_lr_mult)
+    bs = int(tcfg.batch_size)
+    sampler = ResumableSampler(len(train_set), shuffle=True, seed=int(cfg.seed), rank=rank, world_size=world,
+                               batch_size=bs, drop_last=True)
+    steps_per_epoch = sampler.batches_per_epoch()
+    if steps_per_epoch == 0:
+        raise SystemExit(f"trainer.batch_size={bs} x {world} process(es) is larger than the training set "
+                         f"({len(train_set)} samples): lower trainer.batch_size or use more data")
+    total_steps = int(tcfg.max_steps) if tcfg.get("max_steps") else int(tcfg.epochs) * steps_per_epoch
+    warmup = int(ocfg.warmup_steps if ocfg.warmup_steps >= 1 else ocfg.warmup_steps * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, warmup_steps=warmup, total_steps=total_steps,
+                                           min_lr_ratio=ocfg.min_lr_ratio))
+    _, scaler = autocast_for(device, tcfg.amp)
+    ema = ModelEMA(unwrap(module).model, decay=float(tcfg.ema_decay)) if tcfg.get("ema_decay") else None
+    state = TrainState()
+
+    if saved is not None:
+        load_model_weights(unwrap(module).model, saved["model"], str(resume_path))
+        unwrap(module).load_state_dict({**{f"model.{k}": v for k, v in saved["model"].items()},
+                                        **saved["train_heads"]}, strict=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+        if ema is not None and saved.get("ema"):
+            ema.load_state_dict(saved["ema"])
+        state = TrainState.from_dict(saved["train_state"])
+        restore_rng_state(saved["rng"])
+        if main:
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, state.step, state.epoch,
+                     state.batch_in_epoch)
+    del saved
+
+    logger = RunLogger(run_dir, enabled=main, tensorboard=bool(cfg.logger.tensorboard))
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        log.info("run dir %s | device %s x %d | %d train / %d val samples | %d steps (%d per epoch)",
+                 run_dir, device, world, len(train_set), len(val_set), total_steps, steps_per_epoch)
+
+    text_branch = TextBranch(encoder, adapters) if encoder is not None else None
+    val_loader = make_loader(val_set, batch_size=int(tcfg.val_batch_size), num_workers=int(tcfg.num_workers),
+                             device=device)
+
+    def checkpoint(name: str) -> None:
+        if not main:
+            return
+        inner = unwrap(module)
+        save_checkpoint(ckpt_dir / name, {
+            "model": inner.model.state_dict(),
+            "train_heads": {k: v for k, v in inner.state_dict().items() if not k.startswith("model.")},
+            "template": template_state(template),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "ema": ema.state_dict() if ema is not None else None,
+            "train_state": state.to_dict(),
+            "rng": capture_rng_state(),
+            "config": config_to_container(cfg),
+            "protocol": getattr(train_set, "protocol", "freihand"),
+        })
+
+    def on_step(st: TrainState) -> None:
+        every = tcfg.get("val_every_steps")
+        if every and st.step % int(every) == 0 and st.step < total_steps:
+            run_validation()
+        if tcfg.ckpt_every_steps and st.step % int(tcfg.ckpt_every_steps) == 0:
+            checkpoint("last.pt")
+
+    def run_validation() -> dict:
+        eval_model = ema.module if ema is not None else unwrap(module).model
+        res = {}
+        if main:
+            res, preds = validate(eval_model, val_loader, device, getattr(val_set, "protocol", "freihand"),
+                                  text_branch=text_branch)
+            for k, v in res.items():
+                logger.scalar(f"val/{k}", v, state.step)
+            logger.validation_figures(val_set, preds, state.step)
+            monitor = cfg.trainer.monitor
+            if monitor not in res:
+                raise KeyError(f"trainer.monitor={monitor!r} is not a validation metric; choose from {sorted(res)}")
+            state.history.append({"step": state.step, **res})
+            if res[monitor] < state.best_metric:
+                state.best_metric, state.best_step = float(res[monitor]), state.step
+                checkpoint("best.pt")
+            log.info("step %d | %s", state.step, " ".join(f"{k}={v:.4g}" for k, v in res.items()))
+        if dist.is_dist():
+            torch.distributed.barrier()
+        unwrap(module).train()
+        return res
+
+    def _loop() -> None:
+        nonlocal last_metrics
+        while state.step < total_steps:
+            if state.batch_in_epoch >= steps_per_epoch:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            sampler.set_epoch(state.epoch, state.batch_in_epoch)
+            train_set.set_epoch(state.epoch)
+            loader = make_loader(train_set, batch_size=bs, sampler=sampler, drop_last=True,
+                                 num_workers=int(tcfg.num_workers), device=device)
+            train_one_epoch(module, loader, optimizer, scheduler, state, device=device, total_steps=total_steps,
+                            amp=tcfg.amp, scaler=scaler, grad_clip=tcfg.grad_clip, ema=ema,
+                            log=logger.scalar, log_every=int(cfg.logger.log_every), on_step=on_step,
+                            progress=progress)
+            epoch_done = state.batch_in_epoch >= steps_per_epoch
+            if epoch_done and (state.epoch + 1) % int(tcfg.val_every_epochs) == 0 and state.step < total_steps:
+                last_metrics = run_validation()
+                checkpoint("last.pt")
+
+    progress = logger.progress(total=total_steps, initial=state.step)
+    t_start = time.perf_counter()
+    last_metrics: dict = {}
+    try:
+        with logging_redirect_tqdm():
+            _loop()
+    except NonFiniteLossError as e:
+        progress.close()
+        logger.close()
+        log.error("%s", e)
+        raise SystemExit(str(e)) from None
+    progress.close()
+    if not state.history or state.history[-1]["step"] != state.step:
+        last_metrics = run_validation()
+    elif not last_metrics:
+        last_metrics = {k: v for k, v in state.history[-1].items() if k != "step"}
+    checkpoint("last.pt")
+    checksums = rank_weight_checksums(unwrap(module))
+    if main:
+        wall = time.perf_counter() - t_start
+        summary = {"steps": state.step, "wall_s": round(wall, 1), "best_step": state.best_step,
+                   "best": state.best_metric, "last": last_metrics, "world_size": world,
+                   "rank_weight_checksums": checksums}
+        (run_dir / "train_summary.json").write_text(__import__("json").dumps(summary, indent=2))
+        log.info("done: %d steps in %.0f s; best %s=%.4g at step %d; checkpoints in %s", state.step, wall,
+                 cfg.trainer.monitor, state.best_metric, state.best_step, ckpt_dir)
+    logger.close()
+    return last_metrics

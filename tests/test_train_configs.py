@@ -1,0 +1,102 @@
+"""Every experiment config composes, and runs a few training steps on tiny settings; eval.py reads
+what train.py wrote."""
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from cliphand3d.data.writers import write_freihand, write_rhd
+from cliphand3d.trainer import train
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+
+# Shrink anything to a few seconds on a CPU; offline stand-ins for pretrained weights.
+TINY = [
+    "data.img_size=64", "model.backbone=resnet18", "model.pretrained=null", "model.deconv_channels=16",
+    "model.depth_bins=16", "model.joint_feature_hidden=16", "model.token_dim=32",
+    "model.widths=[32,16,16,8,8]", "model.blocks_per_stage=1", "model.heads=2",
+    "model_template.num_samples=32", "trainer.max_steps=2", "trainer.batch_size=4", "trainer.val_batch_size=8",
+    "trainer.num_workers=0", "trainer.ckpt_every_steps=1", "trainer.ema_decay=0.9", "logger.tensorboard=false",
+]
+
+
+def compose_train(overrides):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def freihand_root(tmp_path_factory):
+    return write_freihand(tmp_path_factory.mktemp("fh"), num_train=4, num_eval=8, seed=1, versions=2)
+
+
+@pytest.fixture(scope="module")
+def rhd_root(tmp_path_factory):
+    return write_rhd(tmp_path_factory.mktemp("rhd"), num_train=8, num_eval=8, seed=1)
+
+
+def test_every_experiment_composes_and_resolves():
+    assert {"synthetic", "freihand", "rhd", "no_clip"} <= set(EXPERIMENTS)
+    for name in EXPERIMENTS:
+        cfg = compose_train([f"+experiment={name}", "run_dir=/tmp/unused"])
+        OmegaConf.resolve(cfg)  # every interpolation resolves
+        assert cfg.name and cfg.data.train._target_ and cfg.model._target_
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_trains_a_few_steps(name, tmp_path, freihand_root, rhd_root):
+    extra = []
+    if name == "freihand":
+        extra = [f"data.root={freihand_root}", "data.versions=[0,1]"]
+    elif name == "rhd":
+        extra = [f"data.root={rhd_root}"]
+    else:
+        extra = ["data.num_train=8", "data.num_val=8", "data.num_verts=200", "model_template.build.levels=[40,80,120]"]
+    cfg = compose_train([f"+experiment={name}", f"run_dir={tmp_path}", "text.pretrained=null", *TINY, *extra])
+    metrics = train(cfg)
+    assert (tmp_path / "checkpoints" / "last.pt").is_file() and (tmp_path / "checkpoints" / "best.pt").is_file()
+    assert metrics["pa_mpjpe_mm"] > 0
+    if cfg.loss.weights.clip > 0:
+        assert "retrieval_x" in metrics
+    else:
+        assert "retrieval_x" not in metrics
+
+
+def test_a_run_folder_is_never_overwritten(tmp_path):
+    overrides = [f"run_dir={tmp_path}", *TINY, "data.num_train=8", "data.num_val=8", "data.num_verts=200",
+                 "model_template.build.levels=[40,80,120]"]
+    train(compose_train(overrides))
+    with pytest.raises(SystemExit, match="resume=auto"):
+        train(compose_train(overrides))
+    # resume=auto on a finished run trains no further and keeps the checkpoint
+    train(compose_train(overrides + ["resume=auto"]))
+    # a different model cannot resume this run
+    with pytest.raises(SystemExit, match="config differs"):
+        train(compose_train(overrides + ["resume=auto", "model.depth_bins=8"]))
+
+
+def test_non_finite_loss_stops_with_step_and_terms_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    from cliphand3d.checkpoint import load_checkpoint
+    from cliphand3d.losses import CLIPHand3DLoss
+
+    calls = {"n": 0}
+    forward = CLIPHand3DLoss.forward
+
+    def poisoned(self, outputs, batch, text_feats=None):
+        terms = forward(self, outputs, batch, text_feats)
+        calls["n"] += 1
+        if calls["n"] == 4:  # the 4th training step (0-based step 3) meets a NaN in one term
+            terms["verts"] = terms["verts"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(CLIPHand3DLoss, "forward", poisoned)
+    overrides = [f"run_dir={tmp_path}", *TINY, "data.num_train=32", "data.num_val=8", "data.num_verts=200",
+                 "model_template.build.levels=[40,80,120]", "trainer.max_steps=6"]
+    with pytest.raises(SystemExit, match=r"non-finite loss at step 3 \(terms: \['verts'\]\)"):
+        train(compose_train(overrides))
+    saved = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert saved["train_state"]["step"] == 3  # the last good step; nothing after the NaN was saved
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
