@@ -172,6 +172,9 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, *, text_br
         add("pred_xyz", uvd_to_xyz(out["joints"].float(), K, S, root, bone))
         add("gt_xyz", batch["joints_xyz"])
         add("pred_uvd", out["joints"])
+        add("K", K)
+        add("root_depth", root)
+        add("bone", bone)
         if out.get("verts") is not None and "verts_xyz" in batch:
             add("pred_verts", uvd_to_xyz(out["verts"].float(), K, S, root, bone))
             add("gt_verts", batch["verts_xyz"])

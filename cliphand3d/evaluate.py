@@ -18,7 +18,7 @@ from . import metrics
 from .build import build_datasets, build_model, build_prompts
 from .checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from .engine import predict
-from .geometry import procrustes_align
+from .geometry import procrustes_align, uvd_to_xyz
 from .trainer import TextBranch, make_loader, pick_device, template_from_state
 
 log = logging.getLogger(__name__)
@@ -47,19 +47,45 @@ def eval_config(cfg: DictConfig, saved: DictConfig) -> DictConfig:
     return run
 
 
-def mean_pose_predictions(template, gt_xyz: np.ndarray, gt_verts: np.ndarray | None, joints_only: bool):
-    """The baseline a trained model must beat: the training set's mean pose (the data-derived template,
-    canonical orientation), placed at the true root with the true bone length."""
-    from .skeleton import bone_length
+def training_mean_uvd(train_set, num_samples: int, batch_size: int, num_workers: int):
+    """Mean joints (and vertices) in the model's output space over the first training items, with the
+    training augmentation: what a regressor that learned nothing from the image would output."""
+    from torch.utils.data import DataLoader, Subset
 
-    bone = bone_length(gt_xyz)[:, None, None]
-    root = gt_xyz[:, :1]
+    n = min(num_samples, len(train_set))
+    loader = DataLoader(Subset(train_set, range(n)), batch_size=batch_size, num_workers=num_workers)
+    sums: dict[str, torch.Tensor] = {}
+    for batch in loader:
+        for k in ("joints_uvd", "verts_uvd"):
+            if k in batch:
+                sums[k] = sums.get(k, 0) + batch[k].double().sum(0)
+    return {k: (v / n).numpy() for k, v in sums.items()}
+
+
+def baseline_predictions(preds: dict, img_size: int, *, mean_uvd: dict | None = None, template=None,
+                         joints_only: bool = False):
+    """Two constant predictors placed with each sample's crop intrinsics, true root depth and bone (the
+    protocol the model is scored under):
+    - `mean_uvd`: the training labels' mean in the model's output space (the mean-pose baseline);
+    - `template`: the data-derived mean shape in its canonical orientation (under Procrustes alignment
+      this is the mean articulation with an oracle rotation: a stronger bar than any constant in uvd)."""
+    K = torch.as_tensor(preds["K"], dtype=torch.float64)
+    root = torch.as_tensor(preds["root_depth"], dtype=torch.float64)
+    bone = torch.as_tensor(preds["bone"], dtype=torch.float64)
+    want_verts = preds.get("gt_verts") is not None and not joints_only
+    if mean_uvd is not None:
+        def place(m):
+            u = torch.as_tensor(m, dtype=torch.float64)[None].expand(len(K), -1, -1)
+            return uvd_to_xyz(u, K, img_size, root, bone).numpy()
+
+        verts = place(mean_uvd["verts_uvd"]) if want_verts and "verts_uvd" in mean_uvd else None
+        return place(mean_uvd["joints_uvd"]), verts
+    gt_xyz = preds["gt_xyz"]
+    b = np.asarray(preds["bone"], dtype=np.float64)[:, None, None]
+    r = gt_xyz[:, :1]
     tj = np.asarray(template.joints)
-    pred_xyz = root + (tj - tj[:1])[None] * bone
-    pred_verts = None
-    if gt_verts is not None and not joints_only:
-        pred_verts = root + (np.asarray(template.verts) - tj[:1])[None] * bone
-    return pred_xyz, pred_verts
+    verts = r + (np.asarray(template.verts) - tj[:1])[None] * b if want_verts else None
+    return r + (tj - tj[:1])[None] * b, verts
 
 
 def markdown_table(rows: dict[str, dict]) -> str:
@@ -121,16 +147,23 @@ def run_eval(cfg: DictConfig) -> dict:
                                                preds[f"prompt_{a}"], tuple(cfg.retrieval_batch_sizes))
             for bs, acc in by_bs.items():
                 res[f"retrieval_{a}_{bs}"] = acc
-    base_xyz, base_verts = mean_pose_predictions(template, preds["gt_xyz"], preds.get("gt_verts"),
-                                                 model.regressor.joints_only)
-    baseline = metrics.evaluate(protocol, base_xyz, preds["gt_xyz"], base_verts,
-                                preds.get("gt_verts") if base_verts is not None else None, preds.get("visible"))
+    S = int(run.data.img_size)
+    train_set = build_datasets(run, None, splits=("train",))["train"]
+    mean_uvd = training_mean_uvd(train_set, int(cfg.baseline_samples), int(cfg.batch_size), int(cfg.num_workers))
+    baselines, base_preds = {}, {}
+    for name, kw in (("mean-pose baseline", {"mean_uvd": mean_uvd}),
+                     ("mean shape, oracle rotation", {"template": template})):
+        bx, bv = baseline_predictions(preds, S, joints_only=model.regressor.joints_only, **kw)
+        base_preds[name] = bx
+        baselines[name] = metrics.evaluate(protocol, bx, preds["gt_xyz"], bv,
+                                           preds.get("gt_verts") if bv is not None else None, preds.get("visible"))
 
     out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else ckpt_path.parent.parent / f"eval_{ckpt_path.stem}"
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"checkpoint": str(ckpt_path), "protocol": protocol, "split": split, "num_samples": len(order),
               "step": ckpt.get("train_state", {}).get("step"), **res,
-              "baseline_mean_pose": baseline}
+              "baseline_mean_pose": baselines["mean-pose baseline"],
+              "baseline_mean_shape_oracle_rotation": baselines["mean shape, oracle rotation"]}
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     per = metrics.per_sample_errors(preds["pred_xyz"], preds["gt_xyz"], preds.get("visible"))
     with open(out_dir / "per_sample.csv", "w", newline="") as f:
@@ -138,10 +171,10 @@ def run_eval(cfg: DictConfig) -> dict:
         w.writerow(["index", "pa_mpjpe_mm", "mpjpe_mm"])
         for i, idx in enumerate(preds["index"]):
             w.writerow([int(idx), f"{per['pa_mpjpe_mm'][i]:.3f}", f"{per['mpjpe_mm'][i]:.3f}"])
-    _pck_plot(out_dir / "pck.png", protocol, preds, base_xyz)
+    _pck_plot(out_dir / "pck.png", protocol, preds, base_preds)
     if _wants_pred_json(cfg, dataset):
         write_pred_json(out_dir / "pred.json", preds["pred_xyz"], preds.get("pred_verts"))
-    table = markdown_table({f"CLIP-Hand3D ({ckpt_path.name})": res, "mean-pose baseline": baseline})
+    table = markdown_table({f"CLIP-Hand3D ({ckpt_path.name})": res, **baselines})
     (out_dir / "table.md").write_text(table)
     print(f"\n{protocol} protocol, {len(order)} samples ({split} split of {type(dataset).__name__})\n")
     print(table)
@@ -175,11 +208,11 @@ def _wants_pred_json(cfg: DictConfig, dataset) -> bool:
     return bool(cfg.write_pred_json)
 
 
-def _pck_plot(path: Path, protocol: str, preds: dict, base_xyz: np.ndarray) -> None:
+def _pck_plot(path: Path, protocol: str, preds: dict, baselines: dict) -> None:
     from . import viz
 
     curves = {}
-    for name, p in (("model", preds["pred_xyz"]), ("mean-pose baseline", base_xyz)):
+    for name, p in (("model", preds["pred_xyz"]), *baselines.items()):
         aligned = procrustes_align(p, preds["gt_xyz"]) if protocol != "rhd" else None
         d = (np.linalg.norm(aligned - preds["gt_xyz"], axis=-1) if aligned is not None else
              np.linalg.norm(np.subtract(*metrics.hand3d_normalise(p, preds["gt_xyz"])), axis=-1))
