@@ -148,3 +148,15 @@ def procrustes_align(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     R = u @ vt
     s = w.sum(-1)[..., None, None]
     return p0 @ np.swapaxes(R, -1, -2) * s * n_g + mu_g
+
+
+def rigid_rotations(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Proper rotations R (M, 3, 3) minimising |x_m R^T - ref| about the origin (Kabsch).
+
+    x (M, N, 3), ref (N, 3). No scale and no reflection: a reflection would turn a right hand into a
+    left one. `procrustes_align` is the official scorer's variant (scale, reflections allowed).
+    """
+    u, _, vt = np.linalg.svd(np.swapaxes(ref, -1, -2)[None] @ x)
+    d = np.sign(np.linalg.det(u @ vt))
+    u[..., :, 2] *= d[..., None]
+    return u @ vt

@@ -137,3 +137,16 @@ def test_skeleton_tables():
     x = np.arange(21 * 3).reshape(21, 3)
     assert np.array_equal(S.mpii_to_rhd(S.rhd_to_mpii(x)), x)
     assert np.array_equal(S.rhd_to_mpii(x)[4], x[1])
+
+
+def test_rigid_rotations_recover_a_proper_rotation_and_never_reflect():
+    rng = np.random.default_rng(5)
+    ref = rng.normal(size=(21, 3))
+    Q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    Q *= np.sign(np.linalg.det(Q))  # a proper rotation
+    x = ref @ Q.T  # x = ref rotated by Q, so R = Q^T brings it back
+    R = G.rigid_rotations(x[None], ref)[0]
+    assert np.allclose(x @ R.T, ref, atol=1e-10) and np.isclose(np.linalg.det(R), 1.0)
+    mirrored = ref * np.array([-1.0, 1.0, 1.0])  # no rotation maps a mirror image onto the original
+    R = G.rigid_rotations(mirrored[None], ref)[0]
+    assert np.isclose(np.linalg.det(R), 1.0) and not np.allclose(mirrored @ R.T, ref, atol=1e-3)

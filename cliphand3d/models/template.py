@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..geometry import rigid_rotations
 from ..skeleton import NUM_JOINTS, REF_BONE, ROOT, bone_length
 
 # Bump when the build changes its output for the same inputs, so old caches are rebuilt.
@@ -140,19 +141,6 @@ def _palm_frames(joints_n: np.ndarray) -> np.ndarray:
     return np.stack([x, y, z], axis=-2)
 
 
-def _rotations_onto(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """Proper rotations R (M,3,3) minimising |x_m R^T - ref| about the origin (the root).
-
-    No scale (samples are already in bone units) and no reflection: a reflection would turn a right
-    hand into a left one. geometry.procrustes_align is the scorer's variant (scale, reflections
-    allowed), so it is not reused here.
-    """
-    u, _, vt = np.linalg.svd(np.swapaxes(ref, -1, -2)[None] @ x)
-    d = np.sign(np.linalg.det(u @ vt))
-    u[..., :, 2] *= d[..., None]
-    return u @ vt
-
-
 def _align(joints_n: np.ndarray, iters: int) -> np.ndarray:
     """Generalised Procrustes without scale on root-relative joints -> per-sample rotations (M,3,3).
 
@@ -163,7 +151,7 @@ def _align(joints_n: np.ndarray, iters: int) -> np.ndarray:
     rots = _palm_frames(joints_n)
     for _ in range(iters):
         ref = (joints_n @ np.swapaxes(rots, -1, -2)).mean(0)
-        new = _rotations_onto(joints_n, ref)
+        new = rigid_rotations(joints_n, ref)
         done = np.abs(new - rots).max() < 1e-12
         rots = new
         if done:
