@@ -77,7 +77,7 @@ def test_uncached_tag_offline_env_fails_fast_without_probing(empty_hub, monkeypa
         ResNetBackbone(name="resnet18", pretrained="IMAGENET1K_V1")
     assert time.perf_counter() - t0 < 5.0
     msg = str(info.value)
-    assert "model.backbone.pretrained=null" in msg and "hub cache" in msg
+    assert "model.pretrained=null" in msg and "hub cache" in msg
     assert info.value.__cause__ is None and info.value.__context__ is None
 
 
@@ -85,7 +85,7 @@ def test_uncached_tag_unreachable_network_fails_fast(empty_hub, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TORCH_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(bb, "_reachable", lambda *a, **k: False)
-    with pytest.raises(PretrainedWeightsError, match="model.backbone.pretrained=null"):
+    with pytest.raises(PretrainedWeightsError, match="model.pretrained=null"):
         ResNetBackbone(name="resnet18", pretrained="DEFAULT")
 
 

@@ -23,8 +23,8 @@ CHOICES: dict[str, list[int]] = {
 }
 STRIDES = (4, 4, 8, 16, 32)
 
-_OVERRIDE_HINT = ("set model.backbone.pretrained=null (random init) or "
-                  "model.backbone.pretrained=/path/to/state_dict.pth (a local file)")
+_OVERRIDE_HINT = ("set model.pretrained=null (random init) or "
+                  "model.pretrained=/path/to/state_dict.pth (a local file)")
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -41,7 +41,7 @@ class ResNetBackbone(nn.Module):
     def __init__(self, name: str = "resnet50", pretrained: str | os.PathLike | None = None):
         super().__init__()
         if name not in CHOICES:
-            raise ValueError(f"model.backbone.name={name!r} is not supported; "
+            raise ValueError(f"model.backbone={name!r} is not supported; "
                              f"choose one of {sorted(CHOICES)}")
         self.name = name
         self.channels: list[int] = list(CHOICES[name])
@@ -83,12 +83,12 @@ def resolve_pretrained(name: str, pretrained: str | os.PathLike) -> tuple[dict, 
     if path.is_file():
         return _load_file(path), f"local file {path}"
     if os.sep in text or path.suffix in (".pth", ".pt", ".ckpt", ".bin"):
-        raise PretrainedWeightsError(f"model.backbone.pretrained={text!r}: no such file; "
+        raise PretrainedWeightsError(f"model.pretrained={text!r}: no such file; "
                                      f"{_OVERRIDE_HINT}")
     tags = torchvision.models.get_model_weights(name)
     if text not in tags.__members__:
         raise PretrainedWeightsError(
-            f"model.backbone.pretrained={text!r} is neither a file nor a torchvision tag for {name} "
+            f"model.pretrained={text!r} is neither a file nor a torchvision tag for {name} "
             f"(tags: {sorted(tags.__members__)}); {_OVERRIDE_HINT}")
     weights = tags[text]
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
@@ -96,13 +96,13 @@ def resolve_pretrained(name: str, pretrained: str | os.PathLike) -> tuple[dict, 
         return _load_file(cached), f"torch hub cache {cached}"
     if _offline_env() or not _reachable(weights.url):
         raise PretrainedWeightsError(
-            f"model.backbone.pretrained={text!r}: {name} weights {weights} are not in the torch hub "
+            f"model.pretrained={text!r}: {name} weights {weights} are not in the torch hub "
             f"cache ({cached}) and {weights.url} cannot be reached (offline); {_OVERRIDE_HINT}")
     try:
         state = weights.get_state_dict(progress=True, check_hash=True)
     except Exception as err:  # network failures surface as many exception types
         raise PretrainedWeightsError(
-            f"model.backbone.pretrained={text!r}: downloading {weights.url} failed "
+            f"model.pretrained={text!r}: downloading {weights.url} failed "
             f"({type(err).__name__}: {err}); {_OVERRIDE_HINT}") from None
     return state, f"torchvision {weights}"
 
