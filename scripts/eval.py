@@ -5,9 +5,11 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    from cliphand3d.cli import friendly_errors
     from cliphand3d.evaluate import run_eval
 
-    run_eval(cfg)
+    with friendly_errors():
+        run_eval(cfg)
 
 
 if __name__ == "__main__":

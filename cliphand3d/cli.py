@@ -1,0 +1,39 @@
+"""What the scripts share: bad input ends with its message and exit code 1, not a traceback.
+
+The project's own errors (missing data, unreadable checkpoints, unavailable weights) already say
+which file or key is wrong and how to fix it; a stack trace under them only hides that. Hydra wraps
+errors raised while instantiating a config in InstantiationException; the cause is unwrapped.
+"""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+
+from .checkpoint import CheckpointError
+from .data.base import DatasetError
+from .models.backbone import PretrainedWeightsError
+from .models.text_encoder import PretrainedWeightsUnavailable
+
+USER_ERRORS = (DatasetError, CheckpointError, PretrainedWeightsError, PretrainedWeightsUnavailable,
+               FileNotFoundError)
+
+
+def _user_error(exc: BaseException) -> BaseException | None:
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, USER_ERRORS):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+@contextmanager
+def friendly_errors():
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is one of ours
+        err = _user_error(e)
+        if err is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
