@@ -108,9 +108,9 @@ def _place(pts: np.ndarray, img_size: int, rng: np.random.Generator) -> tuple[np
     margin = 2.0
     rel = pts - centre
     for _ in range(3):
-        lo_px, hi_px = _bounds(rel + pos, f, c)
+        lo_px, hi_px = _bounds(rel + pos, K)
         pos *= (hi_px - lo_px).max() / target  # along the ray: keeps the centre pixel
-        lo_px, hi_px = _bounds(rel + pos, f, c)
+        lo_px, hi_px = _bounds(rel + pos, K)
         shift = np.maximum(0.0, margin - lo_px) - np.maximum(0.0, hi_px - (S - 1 - margin))
         if not shift.any():
             break
@@ -118,10 +118,10 @@ def _place(pts: np.ndarray, img_size: int, rng: np.random.Generator) -> tuple[np
     return K, pos - centre
 
 
-def _bounds(p: np.ndarray, f: float, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel bounding box of camera points for K = [[f, 0, cx], [0, f, cy], [0, 0, 1]]."""
-    uv = p[:, :2] / p[:, 2:]
-    return uv.min(0) * f + c, uv.max(0) * f + c
+def _bounds(p: np.ndarray, K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel bounding box of camera points."""
+    uv = project(p, K)
+    return uv.min(0), uv.max(0)
 
 
 def _forearm(shape: HandShape, R: np.ndarray, wrist: np.ndarray, rng: np.random.Generator):
