@@ -13,7 +13,8 @@ import torch
 from cliphand3d.data.base import check_item
 from cliphand3d.data.hand_model import (CHAINS, LIMITS_HI, LIMITS_LO, MIN_VERTS, flexion_angles,
                                         surface_layout)
-from cliphand3d.data.synthetic import SyntheticHands, _draw_order, render, render_hand, sample_hand
+from cliphand3d.data.synthetic import (UPRIGHT_TILT_DEG, SyntheticHands, _draw_order, render, render_hand,
+                                        sample_hand)
 from cliphand3d.data.transforms import CropAugment
 from cliphand3d.geometry import project
 from cliphand3d.skeleton import BONES, rhd_to_mpii
@@ -230,3 +231,35 @@ def test_dataset_items_keep_the_contract():
         SyntheticHands(length=4, split="test")
     with pytest.raises(ValueError, match="length"):
         SyntheticHands(length=0)
+
+
+# --------------------------------------------------------------------------- viewpoint priors
+def test_upright_view_keeps_fingers_up_and_palm_or_back_to_the_camera():
+    tilt = np.cos(np.radians(UPRIGHT_TILT_DEG)) - 1e-9
+    seen = {True: 0, False: 0}
+    for i in range(80):
+        h = sample_hand(5, i, view="upright")
+        R = h.rotation
+        np.testing.assert_allclose(R.T @ R, np.eye(3), atol=1e-12)
+        assert np.linalg.det(R) > 0  # still a right hand
+        assert -R[1, 1] >= tilt, i  # hand Y (wrist -> middle MCP) within the tilt of image up
+        assert abs(R[2, 2]) >= tilt, i  # palm normal within the tilt of the optical axis
+        seen[bool(R[2, 2] < 0)] += 1  # palmar axis towards the camera: the palm is seen
+        # the labels follow the rotation: wrist -> middle MCP points up the image
+        d = project(h.xyz[9:10], h.K)[0] - project(h.xyz[:1], h.K)[0]
+        assert d[1] < 0, i
+    assert seen[True] > 20 and seen[False] > 20  # palms and backs both common
+    # the prior changes only the rotation (and what follows from it): same hand shape and pose
+    u, v = sample_hand(5, 3), sample_hand(5, 3, view="upright")
+    np.testing.assert_array_equal(u.angles_deg, v.angles_deg)
+    # the uniform prior reaches views the upright one never draws
+    assert min(-sample_hand(5, i).rotation[1, 1] for i in range(80)) < 0
+
+
+def test_unknown_view_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="upright"):
+        sample_hand(0, 0, view="sideways")
+    with pytest.raises(ValueError, match="data.view"):
+        SyntheticHands(length=2, view="sideways")
+    ds = SyntheticHands(length=2, seed=3, view="upright", img_size=64)
+    np.testing.assert_array_equal(ds.hand(1).rotation, sample_hand(3, 1, view="upright").rotation)

@@ -84,6 +84,26 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
                      [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
 
 
+# Viewpoint priors: "uniform" draws the hand's rotation uniformly over SO(3); "upright" is FreiHAND-like,
+# fingers up in the image and the palm or the back towards the camera, tilted by up to UPRIGHT_TILT_DEG
+# about a random axis. Crop-time rotation (CropAugment.rot_max_deg) still turns either one in-plane.
+VIEWS = ("uniform", "upright")
+UPRIGHT_TILT_DEG = 50.0
+
+
+def _upright_rotation(rng: np.random.Generator) -> np.ndarray:
+    """Hand Y (distal) to image up (-y), hand Z (palmar) to -z (palm seen) or +z (back seen), then a
+    rotation by an angle uniform in [0, UPRIGHT_TILT_DEG] about a uniformly drawn axis (Rodrigues)."""
+    s = 1.0 if rng.random() < 0.5 else -1.0
+    base = np.array([[s, 0.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, -s]]).T  # columns: camera images of X, Y, Z
+    axis = rng.standard_normal(3)
+    axis /= np.linalg.norm(axis)
+    angle = math.radians(rng.uniform(0.0, UPRIGHT_TILT_DEG))
+    k = np.array([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
+    tilt = np.eye(3) + math.sin(angle) * k + (1.0 - math.cos(angle)) * k @ k
+    return tilt @ base
+
+
 def _place(pts: np.ndarray, img_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Camera (K) and translation putting the rotated surface points `pts` inside the image.
 
@@ -141,19 +161,25 @@ def _forearm(shape: HandShape, R: np.ndarray, wrist: np.ndarray, rng: np.random.
     return caps
 
 
-def sample_hand(seed: int, index: int, *, num_verts: int = 778, img_size: int = 224) -> HandSample:
-    """Draw hand `index` of stream `seed`: shape, pose, rotation, camera, colours, light."""
+def sample_hand(seed: int, index: int, *, num_verts: int = 778, img_size: int = 224,
+                view: str = "uniform") -> HandSample:
+    """Draw hand `index` of stream `seed`: shape, pose, rotation (from the `view` prior, see VIEWS),
+    camera, colours, light."""
     _check_key(seed, index)
+    if view not in VIEWS:
+        raise ValueError(f"view={view!r} is not a synthetic viewpoint prior; choose one of {VIEWS} "
+                         f"(data.view=...)")
+    draw_rotation = _random_rotation if view == "uniform" else _upright_rotation
     rng = np.random.default_rng([int(seed), int(index)])
     shape = sample_shape(rng)
     angles = sample_angles(rng)
     joints, frames = forward(shape, angles)
     verts_h = surface_points(shape, joints, frames, surface_layout(num_verts))
-    R = _random_rotation(rng)
+    R = draw_rotation(rng)
     for _ in range(20):  # a forearm aimed within ~45 deg of the lens would hide the hand behind it
         if R[2, 1] < 0.7:
             break
-        R = _random_rotation(rng)
+        R = draw_rotation(rng)
     verts = verts_h @ R.T
     K, t = _place(verts, img_size, rng)
     verts += t
@@ -419,8 +445,11 @@ class SyntheticHands(HandDataset):
     has_verts = True
 
     def __init__(self, *, length: int, seed: int = 0, split: str = "train", img_size: int = 256,
-                 num_verts: int = 778, augment=None, prompts=None, render_size: int = 224):
+                 num_verts: int = 778, augment=None, prompts=None, render_size: int = 224,
+                 view: str = "uniform"):
         super().__init__(img_size=img_size, augment=augment, prompts=prompts, seed=seed)
+        if view not in VIEWS:
+            raise ValueError(f"SyntheticHands: data.view={view!r} is not one of {VIEWS}")
         if not isinstance(length, (int, np.integer)) or length < 1:
             raise ValueError(f"SyntheticHands: length must be a positive int, got {length!r}")
         if split not in ("train", "eval"):
@@ -432,13 +461,15 @@ class SyntheticHands(HandDataset):
         self.split = split
         self.num_verts = int(num_verts)
         self.render_size = int(render_size)
+        self.view = view
         self.stream = int(seed) + (EVAL_SEED_OFFSET if split == "eval" else 0)
 
     def __len__(self) -> int:
         return self.length
 
     def hand(self, index: int) -> HandSample:
-        return sample_hand(self.stream, int(index), num_verts=self.num_verts, img_size=self.render_size)
+        return sample_hand(self.stream, int(index), num_verts=self.num_verts, img_size=self.render_size,
+                           view=self.view)
 
     def load_raw(self, index: int) -> RawSample:
         hand = self.hand(index)
