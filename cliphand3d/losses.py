@@ -3,7 +3,9 @@
 Terms (DESIGN 1.9): `joints_coarse` (L_P on the 1D-heatmap joints P), `joints` (final joints J @ V),
 `verts` (L_V, only where the data has meshes), `stages` (deep supervision of the coarse-to-fine
 regressor's intermediate levels against the ground truth at their nodes), `clip_<axis>` (L_CLIP per axis, from
-`models.contrastive.PerAxisContrastiveLoss`). Weights, L1 vs L2 and extra terms are not published:
+`models.contrastive.PerAxisContrastiveLoss`), and `heatmap`, an auxiliary term of ours (cross-entropy
+of the 1D heatmaps against Gaussians at the true coordinates: dense targets that speed early learning
+from scratch; computed only when its weight is on). Weights, L1 vs L2 and extra terms are not published:
 they are config values (configs/loss/).
 """
 from __future__ import annotations
@@ -27,6 +29,16 @@ def point_error(pred: torch.Tensor, target: torch.Tensor, kind: str = "l1") -> t
     if kind == "smooth_l1":
         return F.smooth_l1_loss(pred, target, beta=0.01)
     raise ValueError(f"loss.kind={kind!r} is not one of l1, l2, smooth_l1")
+
+
+def heatmap_ce(logits: torch.Tensor, target01: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Cross-entropy of (B, J, n) 1D-heatmap logits against Gaussians of width `sigma` (in [0, 1]
+    units) centred on the (B, J) targets; bins are centred at (i + 0.5) / n like soft_argmax_1d."""
+    n = logits.shape[-1]
+    centres = (torch.arange(n, device=logits.device, dtype=logits.dtype) + 0.5) / n
+    t = target01.clamp(0.0, 1.0).unsqueeze(-1)
+    p = torch.softmax(-0.5 * ((centres - t) / sigma) ** 2, dim=-1)
+    return -(p * F.log_softmax(logits, dim=-1)).sum(-1).mean()
 
 
 def weight_for(name: str, weights: Mapping[str, float]) -> float:
@@ -56,8 +68,10 @@ def weighted_total(terms: Mapping[str, torch.Tensor], weights: Mapping[str, floa
 class CLIPHand3DLoss(nn.Module):
     """Pose, vertex and contrastive terms as a named dict; `total()` sums them with the config weights."""
 
-    def __init__(self, *, weights: Mapping[str, float], kind: str = "l1", contrastive: nn.Module | None = None):
+    def __init__(self, *, weights: Mapping[str, float], kind: str = "l1", contrastive: nn.Module | None = None,
+                 depth_range: float = 3.0, heatmap_sigma: float = 0.04):
         super().__init__()
+        self.depth_range, self.heatmap_sigma = float(depth_range), float(heatmap_sigma)
         self.weights = {k: float(v) for k, v in dict(weights).items()}
         self.kind = kind
         point_error(torch.zeros(1, 1, 3), torch.zeros(1, 1, 3), kind)  # fail on a bad kind at build time
@@ -74,6 +88,11 @@ class CLIPHand3DLoss(nn.Module):
             "joints_coarse": point_error(outputs["joints_coarse"], target, self.kind),
             "joints": point_error(outputs["joints"], target, self.kind),
         }
+        if self.weights.get("heatmap", 0.0) > 0 and outputs.get("logits") is not None:
+            t01 = torch.cat([target[..., :2], target[..., 2:] / (2.0 * self.depth_range) + 0.5], -1)
+            lg = outputs["logits"]
+            terms["heatmap"] = sum(heatmap_ce(lg[a], t01[..., k], self.heatmap_sigma)
+                                   for k, a in enumerate(("x", "y", "z"))) / 3.0
         dense = target
         if outputs.get("verts") is not None and "verts_uvd" in batch:
             dense = batch["verts_uvd"]

@@ -1,4 +1,5 @@
 """The assembled CLIP-Hand3D: inference path, gradient flow, and a few real training steps."""
+import math
 import numpy as np
 import pytest
 import torch
@@ -7,7 +8,7 @@ from torch.utils.data import DataLoader
 from cliphand3d.data.prompts import PromptGenerator
 from cliphand3d.data.synthetic import SyntheticHands
 from cliphand3d.data.transforms import CropAugment
-from cliphand3d.losses import CLIPHand3DLoss, weighted_total
+from cliphand3d.losses import CLIPHand3DLoss, heatmap_ce, weighted_total
 from cliphand3d.models.cliphand3d import CLIPHand3D
 from cliphand3d.models.contrastive import PerAxisContrastiveLoss
 from cliphand3d.models.template import build_template, joints_only_template
@@ -98,6 +99,36 @@ def test_loss_weights_are_summed_in_one_place():
         weighted_total(terms, {})
     with pytest.raises(ValueError, match="loss.kind"):
         CLIPHand3DLoss(weights={"joints": 1.0}, kind="l3")
+
+
+def test_heatmap_term_is_cross_entropy_against_gaussians_at_the_truth():
+    n, sigma = 16, 0.05
+    centres = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    t = torch.tensor([[0.3, 0.71]], dtype=torch.float64)
+    p = torch.softmax(-0.5 * ((centres - t[..., None]) / sigma) ** 2, -1)
+    entropy = -(p * p.log()).sum(-1).mean()
+    # the minimum is at logits = log(target) (up to a constant), where it equals the target's entropy
+    best = (p.log() + 7.0).requires_grad_()
+    ce = heatmap_ce(best, t, sigma)
+    assert ce.item() == pytest.approx(entropy.item(), rel=1e-9)
+    ce.backward()
+    assert best.grad.abs().max() < 1e-12
+    assert heatmap_ce(p.log().roll(3, -1), t, sigma) > ce + 0.1
+    assert heatmap_ce(torch.zeros(1, 1, 2), torch.tensor([[0.2]]), 10.0).item() == pytest.approx(math.log(2), rel=1e-3)
+    # targets outside the map are pinned to its edge
+    assert heatmap_ce(best.detach(), torch.tensor([[1.4, -0.2]]), sigma) == heatmap_ce(best.detach(), torch.tensor([[1.0, 0.0]]), sigma)
+
+    # in the loss: x, y take u, v; z takes the depth mapped by depth_range onto [0, 1]; weight 0 = absent
+    g = torch.Generator().manual_seed(0)
+    uvd = torch.cat([torch.rand(2, 21, 2, generator=g), torch.randn(2, 21, 1, generator=g)], -1)
+    logits = {"x": torch.randn(2, 21, 16, generator=g), "y": torch.randn(2, 21, 16, generator=g),
+              "z": torch.randn(2, 21, 32, generator=g)}
+    outputs = {"joints_coarse": uvd, "joints": uvd, "logits": logits}
+    loss = CLIPHand3DLoss(weights={"joints": 1.0, "heatmap": 0.2}, depth_range=2.0, heatmap_sigma=sigma)
+    want = (heatmap_ce(logits["x"], uvd[..., 0], sigma) + heatmap_ce(logits["y"], uvd[..., 1], sigma)
+            + heatmap_ce(logits["z"], uvd[..., 2] / 4.0 + 0.5, sigma)) / 3
+    assert loss(outputs, {"joints_uvd": uvd})["heatmap"].item() == pytest.approx(want.item(), rel=1e-6)
+    assert "heatmap" not in CLIPHand3DLoss(weights={"joints": 1.0})(outputs, {"joints_uvd": uvd})
 
 
 def test_model_trains_on_synthetic_hands(data):
