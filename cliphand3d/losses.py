@@ -16,6 +16,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .models.joint_regressor import bin_centres, depth_to_unit
+
 # Names that are logged but never summed into the objective.
 MONITOR_PREFIXES = ("acc_", "scale_")
 
@@ -33,9 +35,8 @@ def point_error(pred: torch.Tensor, target: torch.Tensor, kind: str = "l1") -> t
 
 def heatmap_ce(logits: torch.Tensor, target01: torch.Tensor, sigma: float) -> torch.Tensor:
     """Cross-entropy of (B, J, n) 1D-heatmap logits against Gaussians of width `sigma` (in [0, 1]
-    units) centred on the (B, J) targets; bins are centred at (i + 0.5) / n like soft_argmax_1d."""
-    n = logits.shape[-1]
-    centres = (torch.arange(n, device=logits.device, dtype=logits.dtype) + 0.5) / n
+    units) centred on the (B, J) targets, over the bins that soft_argmax_1d reads."""
+    centres = bin_centres(logits.shape[-1], logits)
     t = target01.clamp(0.0, 1.0).unsqueeze(-1)
     p = torch.softmax(-0.5 * ((centres - t) / sigma) ** 2, dim=-1)
     return -(p * F.log_softmax(logits, dim=-1)).sum(-1).mean()
@@ -89,7 +90,7 @@ class CLIPHand3DLoss(nn.Module):
             "joints": point_error(outputs["joints"], target, self.kind),
         }
         if self.weights.get("heatmap", 0.0) > 0 and outputs.get("logits") is not None:
-            t01 = torch.cat([target[..., :2], target[..., 2:] / (2.0 * self.depth_range) + 0.5], -1)
+            t01 = torch.cat([target[..., :2], depth_to_unit(target[..., 2:], self.depth_range)], -1)
             lg = outputs["logits"]
             terms["heatmap"] = sum(heatmap_ce(lg[a], t01[..., k], self.heatmap_sigma)
                                    for k, a in enumerate(("x", "y", "z"))) / 3.0

@@ -15,11 +15,14 @@ from torch import nn
 AXES = ("x", "y", "z")
 
 
+def bin_centres(n: int, like: torch.Tensor) -> torch.Tensor:
+    """(n,) centres (i + 0.5) / n of a 1D heatmap's bins in [0, 1], on `like`'s device and dtype."""
+    return (torch.arange(n, device=like.device, dtype=like.dtype) + 0.5) / n
+
+
 def soft_argmax_1d(logits: torch.Tensor) -> torch.Tensor:
-    """(..., n) logits -> (...,) expected bin centre in [0, 1], centres at (i + 0.5) / n."""
-    n = logits.shape[-1]
-    centres = (torch.arange(n, device=logits.device, dtype=logits.dtype) + 0.5) / n
-    return (F.softmax(logits, dim=-1) * centres).sum(-1)
+    """(..., n) logits -> (...,) expected bin centre in [0, 1] (`bin_centres`)."""
+    return (F.softmax(logits, dim=-1) * bin_centres(logits.shape[-1], logits)).sum(-1)
 
 
 def depth_to_unit(d, depth_range: float):
