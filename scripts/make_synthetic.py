@@ -14,7 +14,7 @@ from cliphand3d.data import writers
 def main(cfg: DictConfig) -> None:
     if cfg.format == "freihand":
         out = writers.write_freihand(cfg.out, num_train=cfg.num_train, num_eval=cfg.num_eval, seed=cfg.seed,
-                                     versions=cfg.versions, img_size=cfg.img_size)
+                                     versions=cfg.versions, img_size=cfg.img_size, view=cfg.view)
     elif cfg.format == "rhd":
         out = writers.write_rhd(cfg.out, num_train=cfg.num_train, num_eval=cfg.num_eval, seed=cfg.seed)
     else:

@@ -317,6 +317,24 @@ def test_make_synthetic_script(tmp_path):
     assert not list(tmp_path.glob("outputs"))  # Hydra leaves no run folder behind
 
 
+def test_make_synthetic_freihand_with_the_upright_view(tmp_path):
+    out = tmp_path / "fh_cli"
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "make_synthetic.py"), "format=freihand",
+                          f"out={out}", "num_train=2", "num_eval=1", "seed=5", "versions=1", "img_size=64",
+                          "view=upright"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    xyz = np.array(json.loads((out / "training_xyz.json").read_text()))
+    for i in range(2):
+        np.testing.assert_allclose(xyz[i], sample_hand(5, i, img_size=64, view="upright").xyz, atol=1e-6)
+    ev = np.array(json.loads((out / "evaluation_xyz.json").read_text()))
+    np.testing.assert_allclose(ev[0], sample_hand(5 + EVAL_SEED_OFFSET, 0, img_size=64, view="upright").xyz,
+                               atol=1e-6)
+    assert not np.allclose(xyz[0], sample_hand(5, 0, img_size=64).xyz, atol=1e-3)  # not the uniform draw
+    with pytest.raises(ValueError, match="view='sideways'"):
+        write_freihand(tmp_path / "never", num_train=1, num_eval=0, seed=0, view="sideways")
+    assert not (tmp_path / "never").exists()
+
+
 def test_package_exports():
     import cliphand3d.data as data
     from cliphand3d.data.synthetic import SyntheticHands

@@ -18,7 +18,7 @@ from ..geometry import mirror_lr, project
 from ..skeleton import BONES, FINGER_CHAINS, FINGERS, NUM_JOINTS, mpii_to_rhd
 from . import rhd
 from .hand_model import SEGMENTS
-from .synthetic import EVAL_SEED_OFFSET, render, sample_hand
+from .synthetic import EVAL_SEED_OFFSET, VIEWS, render, sample_hand
 
 JPEG_QUALITY = 95
 MANO_PARAMS = 61  # FreiHAND's training_mano entries are 1 x 61; we have no MANO fit and write zeros
@@ -61,9 +61,10 @@ def _eval_stream(seed: int) -> int:
 
 # --------------------------------------------------------------------------- FreiHAND v2
 def write_freihand(out: str | Path, num_train: int, num_eval: int, seed: int, versions: int = 4,
-                   img_size: int = 224, eval_gt: bool = True) -> Path:
+                   img_size: int = 224, eval_gt: bool = True, view: str = "uniform") -> Path:
     """FreiHAND_pub_v2 layout under `out` (plus the FreiHAND_pub_v2_eval ground truth when eval_gt).
 
+    `view` is the viewpoint prior of `synthetic.sample_hand` ("upright" is FreiHAND-like).
     Training: `num_train` unique hands, each rendered over `versions` backgrounds; file id =
     hand + num_train * version, as the release's hand + 32560 * version. Masks for unique ids only.
     training_mano entries are 1x61 zeros (no MANO fit exists for procedural hands).
@@ -71,13 +72,15 @@ def write_freihand(out: str | Path, num_train: int, num_eval: int, seed: int, ve
     if num_train < 1 or num_eval < 0 or not 1 <= versions <= 4:
         raise ValueError(f"write_freihand: need num_train >= 1, num_eval >= 0, versions in 1..4; got "
                          f"{num_train}, {num_eval}, {versions}")
+    if view not in VIEWS:
+        raise ValueError(f"write_freihand: view={view!r} is not one of {VIEWS}")
     out = Path(out)
     rgb_dir, mask_dir, eval_dir = out / "training" / "rgb", out / "training" / "mask", out / "evaluation" / "rgb"
     for d in (rgb_dir, mask_dir, eval_dir):
         d.mkdir(parents=True, exist_ok=True)
     labels: dict[str, list] = {"K": [], "xyz": [], "verts": [], "scale": [], "mano": []}
     for i in range(num_train):
-        hand = sample_hand(int(seed), i, img_size=img_size)
+        hand = sample_hand(int(seed), i, img_size=img_size, view=view)
         for v in range(versions):
             image, mask = render(hand, background=v)
             _write_image(rgb_dir / f"{i + num_train * v:08d}.jpg", image, jpeg=True)
@@ -89,7 +92,7 @@ def write_freihand(out: str | Path, num_train: int, num_eval: int, seed: int, ve
         _write_json(out / f"training_{key}.json", value)
     ev: dict[str, list] = {"K": [], "xyz": [], "verts": [], "scale": []}
     for j in range(num_eval):
-        hand = sample_hand(_eval_stream(seed), j, img_size=img_size)
+        hand = sample_hand(_eval_stream(seed), j, img_size=img_size, view=view)
         image, _ = render(hand, background=0)
         _write_image(eval_dir / f"{j:08d}.jpg", image, jpeg=True)
         _append_labels(ev, hand)
