@@ -73,6 +73,10 @@ class CLIPHand3DLoss(nn.Module):
                  depth_range: float = 3.0, heatmap_sigma: float = 0.04):
         super().__init__()
         self.depth_range, self.heatmap_sigma = float(depth_range), float(heatmap_sigma)
+        for key, v in (("loss.depth_range", self.depth_range), ("loss.heatmap_sigma", self.heatmap_sigma)):
+            if not v > 0:
+                raise ValueError(f"{key}={v} must be > 0 (depth_range follows model.depth_range; heatmap_sigma "
+                                 f"is a Gaussian width in [0, 1] units, e.g. 0.04)")
         self.weights = {k: float(v) for k, v in dict(weights).items()}
         self.kind = kind
         point_error(torch.zeros(1, 1, 3), torch.zeros(1, 1, 3), kind)  # fail on a bad kind at build time
@@ -89,7 +93,10 @@ class CLIPHand3DLoss(nn.Module):
             "joints_coarse": point_error(outputs["joints_coarse"], target, self.kind),
             "joints": point_error(outputs["joints"], target, self.kind),
         }
-        if self.weights.get("heatmap", 0.0) > 0 and outputs.get("logits") is not None:
+        if self.weights.get("heatmap", 0.0) > 0:
+            if outputs.get("logits") is None:
+                raise ValueError("loss.weights.heatmap > 0 but the model returned no 1D-heatmap logits "
+                                 "(outputs['logits']); set loss.weights.heatmap=0 for such a model")
             t01 = torch.cat([target[..., :2], depth_to_unit(target[..., 2:], self.depth_range)], -1)
             lg = outputs["logits"]
             terms["heatmap"] = sum(heatmap_ce(lg[a], t01[..., k], self.heatmap_sigma)

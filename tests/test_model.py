@@ -129,6 +129,12 @@ def test_heatmap_term_is_cross_entropy_against_gaussians_at_the_truth():
             + heatmap_ce(logits["z"], uvd[..., 2] / 4.0 + 0.5, sigma)) / 3
     assert loss(outputs, {"joints_uvd": uvd})["heatmap"].item() == pytest.approx(want.item(), rel=1e-6)
     assert "heatmap" not in CLIPHand3DLoss(weights={"joints": 1.0})(outputs, {"joints_uvd": uvd})
+    with pytest.raises(ValueError, match="no 1D-heatmap logits"):
+        loss({"joints_coarse": uvd, "joints": uvd}, {"joints_uvd": uvd})
+    with pytest.raises(ValueError, match="loss.heatmap_sigma"):
+        CLIPHand3DLoss(weights={"joints": 1.0}, heatmap_sigma=0.0)
+    with pytest.raises(ValueError, match="loss.depth_range"):
+        CLIPHand3DLoss(weights={"joints": 1.0}, depth_range=-1.0)
 
 
 def test_model_trains_on_synthetic_hands(data):

@@ -44,6 +44,9 @@ def test_every_experiment_composes_and_resolves():
         cfg = compose_train([f"+experiment={name}", "run_dir=/tmp/unused"])
         OmegaConf.resolve(cfg)  # every interpolation resolves
         assert cfg.name and cfg.data.train._target_ and cfg.model._target_
+    # the heatmap targets map depth onto the z heatmap exactly as the model's depth_range does
+    cfg = compose_train(["model.depth_range=2.5", "run_dir=/tmp/unused"])
+    assert cfg.loss.depth_range == cfg.model.depth_range == 2.5
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
