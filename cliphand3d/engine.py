@@ -169,14 +169,18 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, *, text_br
         out = model(batch["image"], pose_features=text_branch is not None)
         S = batch["image"].shape[-1]
         K, root, bone = batch["K"], batch["root_depth"], batch["bone"]
-        add("pred_xyz", uvd_to_xyz(out["joints"].float(), K, S, root, bone))
+        # the model owns its uvd -> xyz step (e.g. where J acts, model.joints_from)
+        to_xyz = getattr(model, "outputs_to_xyz", None)
+        xyz = to_xyz({k: out[k].float() if out.get(k) is not None else None for k in ("joints", "verts")},
+                     K, root, bone, img_size=S) if to_xyz is not None else None
+        add("pred_xyz", xyz["joints_xyz"] if xyz else uvd_to_xyz(out["joints"].float(), K, S, root, bone))
         add("gt_xyz", batch["joints_xyz"])
         add("pred_uvd", out["joints"])
         add("K", K)
         add("root_depth", root)
         add("bone", bone)
         if out.get("verts") is not None and "verts_xyz" in batch:
-            add("pred_verts", uvd_to_xyz(out["verts"].float(), K, S, root, bone))
+            add("pred_verts", xyz["verts_xyz"] if xyz else uvd_to_xyz(out["verts"].float(), K, S, root, bone))
             add("gt_verts", batch["verts_xyz"])
         if "visible" in batch:
             add("visible", batch["visible"])

@@ -56,10 +56,14 @@ def points_to_uvd(xyz, K, img_size: int, root_depth, bone):
     return np.concatenate([uv, d[..., None]], -1)
 
 
-def uvd_to_xyz(uvd, K, img_size: int, root_depth, bone):
-    """Inverse of `points_to_uvd`, given the crop intrinsics, root depth and bone (the demo protocol)."""
+def uvd_to_xyz(uvd, K, img_size: int, root_depth, bone, pixel_offset: float = 0.5):
+    """Inverse of `points_to_uvd`, given the crop intrinsics, root depth and bone (the demo protocol).
+
+    pixel_offset: pixel = u * S - pixel_offset; 0.5 is the project's convention (u spans the pixel
+    edges), 0 the released network's (pixel = u * 256, docs/released.md).
+    """
     z = uvd[..., 2] * bone[..., None] + root_depth[..., None]
-    uv = uvd[..., :2] * img_size - 0.5
+    uv = uvd[..., :2] * img_size - pixel_offset
     return backproject(uv, z, K)
 
 
