@@ -86,3 +86,51 @@ def build_model(cfg: DictConfig, template: MeshTemplate | dict):
 
 def build_criterion(cfg: DictConfig):
     return instantiate(cfg.loss, _convert_="all")
+
+
+def checkpoint_config(ckpt: dict, where: str, overrides=()) -> DictConfig:
+    """A checkpoint's stored config with `overrides` ("model.coord_units=unit", ...) applied."""
+    from .checkpoint import CheckpointError
+
+    if "config" not in ckpt or "model" not in ckpt:
+        raise CheckpointError(f"{where} is not a cliphand3d checkpoint (no 'config'/'model' entries); pass a "
+                              "last.pt / best.pt written by scripts/train.py or a file written by "
+                              "scripts/import_checkpoint.py")
+    cfg = OmegaConf.create(ckpt["config"])
+    absent = object()
+    for item in overrides:
+        key, sep, value = str(item).partition("=")
+        add, key = key.startswith("+"), key.lstrip("+")
+        if not sep or not key:
+            raise ValueError(f"override {item!r}: expected key=value, e.g. model.coord_units=unit")
+        if not add and OmegaConf.select(cfg, key, default=absent) is absent:
+            raise ValueError(f"override {item!r}: the config stored in {where} has no key {key!r}; "
+                             f"write +{key}={value} to add it")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))
+    return cfg
+
+
+def model_from_checkpoint(path, overrides=(), device="cpu", use_ema: bool = True):
+    """An eval-mode model from any cliphand3d checkpoint (trained or imported), its config's model
+    keys overridden by `overrides` (e.g. ["model.coord_units=unit"]); EMA weights when present."""
+    return load_model(path, overrides, device, use_ema)[0]
+
+
+def load_model(path, overrides=(), device="cpu", use_ema: bool = True):
+    """(eval-mode model, config used, checkpoint dict): model_from_checkpoint for callers that need more."""
+    import torch
+
+    from .checkpoint import load_checkpoint, load_model_weights
+    from .trainer import template_from_state
+
+    ckpt = load_checkpoint(path)
+    cfg = checkpoint_config(ckpt, str(path), overrides)
+    built = cfg.copy()
+    if "pretrained" in built.model:  # the checkpoint brings every weight: never fetch ImageNet ones
+        built.model.pretrained = None
+    model = build_model(built, template_from_state(ckpt["template"]))
+    weights = ckpt["model"]
+    if use_ema and ckpt.get("ema") and "module" in ckpt["ema"]:
+        weights = ckpt["ema"]["module"]
+    load_model_weights(model, weights, str(path))
+    return model.to(torch.device(device)).eval(), cfg, ckpt
