@@ -15,8 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import metrics
-from .build import build_datasets, build_model, build_prompts
-from .checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from .build import build_datasets, build_prompts, load_model
 from .engine import predict
 from .geometry import procrustes_align, uvd_to_xyz
 from .trainer import TextBranch, make_loader, pick_device, template_from_state
@@ -27,11 +26,18 @@ TABLE_KEYS = ("pa_mpjpe_mm", "mpjpe_mm", "auc_pa_0_50", "pa_mpvpe_mm", "f5", "f1
               "epe_mean_mm", "epe_median_mm", "auc_20_50", "auc_0_50")
 
 
-def saved_config(ckpt: dict, where: str) -> DictConfig:
-    if "config" not in ckpt or "model" not in ckpt:
-        raise CheckpointError(f"{where} is not a cliphand3d training checkpoint (no 'config'/'model' entries); "
-                              "pass a last.pt / best.pt written by scripts/train.py")
-    return OmegaConf.create(ckpt["config"])
+def model_overrides(cfg: DictConfig) -> list[str]:
+    """eval.yaml's non-null `model.*` entries as overrides of the checkpoint's model config."""
+    return [f"+model.{k}={v}" for k, v in (cfg.get("model") or {}).items() if v is not None]
+
+
+def eval_batch_size(cfg: DictConfig, model) -> int:
+    """batch_size=auto: 64, or 32 for a model whose outputs depend on its batch-mates (the released
+    network's attention over the batch, model.attention_over=batch): the batches its figure came from."""
+    if str(cfg.batch_size) != "auto":
+        return int(cfg.batch_size)
+    batch_attention = any(getattr(s, "attention_over", "nodes") == "batch" for s in model.regressor.stages)
+    return 32 if batch_attention else 64
 
 
 def eval_config(cfg: DictConfig, saved: DictConfig) -> DictConfig:
@@ -114,18 +120,10 @@ def write_pred_json(path: Path, pred_xyz: np.ndarray, pred_verts: np.ndarray | N
 
 def run_eval(cfg: DictConfig) -> dict:
     ckpt_path = Path(cfg.ckpt).expanduser()
-    ckpt = load_checkpoint(ckpt_path)
-    saved = saved_config(ckpt, str(ckpt_path))
-    run = eval_config(cfg, saved)
     device = pick_device(cfg.device, 0)
+    model, saved, ckpt = load_model(ckpt_path, model_overrides(cfg), device, use_ema=bool(cfg.use_ema))
+    run = eval_config(cfg, saved)
     template = template_from_state(ckpt["template"])
-
-    model = build_model(run, template)
-    weights = ckpt["model"]
-    if cfg.use_ema and ckpt.get("ema"):
-        weights = ckpt["ema"]["module"] if "module" in ckpt["ema"] else weights
-    load_model_weights(model, weights, str(ckpt_path))
-    model.to(device).eval()
 
     text_branch = None
     if _has_adapters(ckpt):
@@ -133,7 +131,8 @@ def run_eval(cfg: DictConfig) -> dict:
     prompts = build_prompts(run) if text_branch is not None else None
     split = cfg.split
     dataset = build_datasets(run, prompts, splits=(split,))[split]
-    loader = make_loader(dataset, batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers), device=device)
+    loader = make_loader(dataset, batch_size=eval_batch_size(cfg, model), num_workers=int(cfg.num_workers),
+                         device=device)
     preds = predict(model, loader, device, text_branch=text_branch)
     order = np.argsort(preds["index"], kind="stable")
     preds = {k: (np.asarray(v)[order] if not k.startswith("prompt_") else [v[i] for i in order])
@@ -149,7 +148,8 @@ def run_eval(cfg: DictConfig) -> dict:
                 res[f"retrieval_{a}_{bs}"] = acc
     S = int(run.data.img_size)
     train_set = build_datasets(run, None, splits=("train",))["train"]
-    mean_uvd = training_mean_uvd(train_set, int(cfg.baseline_samples), int(cfg.batch_size), int(cfg.num_workers))
+    mean_uvd = training_mean_uvd(train_set, int(cfg.baseline_samples), eval_batch_size(cfg, model),
+                                 int(cfg.num_workers))
     baselines, base_preds = {}, {}
     for name, kw in (("mean-pose baseline", {"mean_uvd": mean_uvd}),
                      ("mean shape, oracle rotation", {"template": template})):

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from cliphand3d.build import model_from_checkpoint
 from cliphand3d.checkpoint import load_checkpoint
+from cliphand3d.evaluate import eval_batch_size
 from cliphand3d.released import ReleasedCheckpointError, import_released, read_released
 
 REPO = Path(__file__).resolve().parents[1]
@@ -255,6 +257,8 @@ def test_outputs_depend_on_batch_mates_only_with_the_compat_switch(imported):
             full = model(images)["verts"][:1]
             alone = model(images[:1])["verts"]
         assert (rel(alone, full) > 1e-4) == depends
+        # eval.py's batch_size=auto: the released batches of 32 exactly when outputs depend on them
+        assert eval_batch_size(OmegaConf.create({"batch_size": "auto"}), model) == (32 if depends else 64)
 
 
 def test_refuses_another_architecture(tmp_path):
@@ -300,3 +304,52 @@ def test_refuses_a_pickle_holding_an_object(tmp_path, capsys):
         pickle.dump({"state_dict": {}, "hook": Payload()}, f)
     with pytest.raises(ReleasedCheckpointError):
         read_released(tmp_path / "plain.pkl")
+
+
+def test_eval_runs_the_imported_checkpoint_end_to_end(imported, tmp_path):
+    """scripts/eval.py on a FreiHAND-layout folder from make_synthetic.py: metrics.json and pred.json, and
+    pred.json is the model's own predict_xyz (J on metric vertices, pixel = u * 256) on the same crops."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from cliphand3d.build import build_datasets, checkpoint_config
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    root = tmp_path / "fh"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_synthetic.py"), "format=freihand", f"out={root}",
+                    "num_train=2", "num_eval=5", "versions=1", "seed=1"], check=True, env=env, timeout=300,
+                   capture_output=True)
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "eval.py"), f"ckpt={imported['out']}", "data=freihand",
+                          f"data.root={root}", f"out_dir={tmp_path / 'eval'}", "model.coord_units=unit",
+                          "num_workers=0", "baseline_samples=2"],
+                         env=env, timeout=600, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["num_samples"] == 5 and np.isfinite(metrics["pa_mpjpe_mm"]) and np.isfinite(metrics["f15"])
+    xyz, verts = (np.asarray(a) for a in json.loads((tmp_path / "eval" / "pred.json").read_text()))
+    assert xyz.shape == (5, 21, 3) and verts.shape == (5, 778, 3)
+
+    model = model_from_checkpoint(imported["out"], overrides=["model.coord_units=unit"])
+    cfg = checkpoint_config(load_checkpoint(imported["out"]), "imported", [f"data.val.root={root}"])
+    data = build_datasets(cfg, None, splits=("val",))["val"]
+    items = [data[i] for i in range(len(data))]
+    batch = {k: torch.stack([it[k] for it in items]) for k in ("image", "K", "root_depth", "bone")}
+    with torch.no_grad():  # one batch of 5 (< 32), as eval.py's default batch for this preset
+        ours = model.predict_xyz(batch["image"], batch["K"], batch["root_depth"], batch["bone"])
+    assert rel(torch.as_tensor(xyz, dtype=torch.float32), ours["joints_xyz"]) < 1e-5
+    assert rel(torch.as_tensor(verts, dtype=torch.float32), ours["verts_xyz"]) < 1e-5
+    assert OmegaConf.select(cfg, "model.attention_over") == "batch"
+
+
+def test_option_values_are_checked_by_name():
+    from cliphand3d.models.joint_regressor import JointRegressor, soft_argmax_1d
+
+    logits = torch.full((1, 1, 8), -1e4)
+    logits[..., 3] = 0.0
+    assert soft_argmax_1d(logits, "bins", 0.0).item() == pytest.approx(3.0)      # released: bin index
+    assert soft_argmax_1d(logits, "unit", 0.0).item() == pytest.approx(3 / 8)    # divided by the bin count
+    assert soft_argmax_1d(logits).item() == pytest.approx(3.5 / 8)               # ours: bin centre
+    with pytest.raises(ValueError, match="model.coord_units='pixels' is unknown"):
+        JointRegressor(in_channels=8, coord_units="pixels")
