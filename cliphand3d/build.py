@@ -134,3 +134,43 @@ def load_model(path, overrides=(), device="cpu", use_ema: bool = True):
         weights = ckpt["ema"]["module"]
     load_model_weights(model, weights, str(path))
     return model.to(torch.device(device)).eval(), cfg, ckpt
+
+
+# ----------------------------------------------------------------------------- init_from (fine-tuning)
+INIT_ADOPTED = ("model", "text.adapters")  # config the weights fix; command-line overrides of them still win
+
+
+def adopt_init_config(cfg: DictConfig, init_cfg, cli_overrides=()) -> DictConfig:
+    """cfg with the architecture of the checkpoint it starts from (`init_from`): its `model` group and
+    text adapters replace the composed ones, then the command line's model.* / text.adapters.* overrides
+    are applied again (e.g. model.attention_over=nodes). The weights bring everything: no pretrained fetch."""
+    cfg = cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    init_cfg = OmegaConf.create(init_cfg)
+    for key in INIT_ADOPTED:
+        node = OmegaConf.select(init_cfg, key)
+        if node is not None:
+            OmegaConf.update(cfg, key, node, merge=False, force_add=True)
+    mine = [o.lstrip("+") for o in cli_overrides if o.lstrip("+").startswith(tuple(f"{k}." for k in INIT_ADOPTED))]
+    if mine:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(mine))
+    if "pretrained" in cfg.model:
+        cfg.model.pretrained = None
+    saved_size = OmegaConf.select(init_cfg, "data.img_size")
+    if saved_size is not None and int(saved_size) != int(cfg.data.img_size):
+        raise ValueError(f"init_from: the checkpoint's model was built for data.img_size={saved_size}, this run "
+                         f"has data.img_size={cfg.data.img_size}; set data.img_size={saved_size}")
+    return cfg
+
+
+def load_init_weights(module, ckpt: dict, where: str) -> list[str]:
+    """Model weights (strict, listing every difference) and the training heads the checkpoint has
+    (adapters, logit scales) into a TrainingModule; returns the heads that start fresh."""
+    from .checkpoint import load_model_weights
+
+    load_model_weights(module.model, ckpt["model"], where)
+    own = {k: v for k, v in module.state_dict().items() if not k.startswith("model.")}
+    heads = {k: v for k, v in ckpt.get("train_heads", {}).items()
+             if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    module.load_state_dict(heads, strict=False)
+    return sorted(k for k in own if k not in heads)

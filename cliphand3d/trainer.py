@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import dist, metrics
-from .build import build_criterion, build_datasets, build_model, build_prompts, build_template, build_text
+from .build import (adopt_init_config, build_criterion, build_datasets, build_model, build_prompts, build_template,
+                    build_text, checkpoint_config, load_init_weights)
 from .checkpoint import (capture_rng_state, compare_configs, config_to_container, find_resume_checkpoint,
                          load_checkpoint, load_model_weights, restore_rng_state, save_checkpoint)
 from .data.sampler import ResumableSampler
@@ -56,6 +57,16 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_rati
 
 
 # --------------------------------------------------------------------------- devices
+def _cli_overrides() -> list[str]:
+    """The command line's overrides (they still win over an init_from checkpoint's architecture)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # train() called without Hydra's runtime (tests, notebooks)
+        return []
+
+
 def pick_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -159,6 +170,11 @@ def _train(cfg: DictConfig, rank: int, world: int, local_rank: int) -> dict:
         raise SystemExit(f"{ckpt_dir / 'last.pt'} exists: this run folder already holds a run.\n"
                          f"  fix: resume=auto to continue it, or name=<new name> (or run_dir=...) for a new run")
     seed_everything(int(cfg.seed))
+    # init_from: start from another checkpoint's weights (e.g. the imported released network), with its
+    # architecture; a resumed run keeps the same adopted config, so the resume check still holds
+    init = load_checkpoint(Path(str(cfg.init_from)).expanduser()) if cfg.get("init_from") else None
+    if init is not None:
+        cfg = adopt_init_config(cfg, checkpoint_config(init, str(cfg.init_from)), _cli_overrides())
 
     prompts = build_prompts(cfg)
     sets = build_datasets(cfg, prompts)
@@ -171,6 +187,8 @@ def _train(cfg: DictConfig, rank: int, world: int, local_rank: int) -> dict:
             raise SystemExit(f"cannot resume from {resume_path}: the config differs at {diffs}.\n"
                              "  fix: run with the saved settings, or start a new run with name=<new name>")
         template = template_from_state(saved["template"])
+    elif init is not None:
+        template = template_from_state(init["template"])
     else:
         template = build_template(cfg, train_set)
     model = build_model(cfg, template)
@@ -182,6 +200,12 @@ def _train(cfg: DictConfig, rank: int, world: int, local_rank: int) -> dict:
         for p in model.pose_heads.parameters():
             p.requires_grad_(False)
     module = TrainingModule(model, criterion, encoder, adapters).to(device)
+    if init is not None and saved is None:
+        fresh = load_init_weights(module, init, str(cfg.init_from))
+        if main:
+            log.info("init_from %s: model weights loaded; training heads not in it (start fresh): %s",
+                     cfg.init_from, fresh or "none")
+    init = None
     if world > 1:
         module = torch.nn.parallel.DistributedDataParallel(
             module, device_ids=[local_rank] if device.type == "cuda" else None)

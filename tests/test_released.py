@@ -353,3 +353,33 @@ def test_option_values_are_checked_by_name():
     assert soft_argmax_1d(logits).item() == pytest.approx(3.5 / 8)               # ours: bin centre
     with pytest.raises(ValueError, match="model.coord_units='pixels' is unknown"):
         JointRegressor(in_channels=8, coord_units="pixels")
+
+
+def test_fine_tuning_starts_from_the_imported_weights(imported, tmp_path):
+    """train.py +experiment=freihand init_from=...: the released architecture and weights (model and
+    training heads) are adopted; a command-line model.* override (the attention fixed) still wins."""
+    import os
+    import subprocess
+    import sys
+
+    from cliphand3d.data.writers import write_freihand
+
+    root = write_freihand(tmp_path / "fh", num_train=2, num_eval=2, seed=2, versions=1)
+    run = tmp_path / "run"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    res = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train.py"), "+experiment=freihand", f"init_from={imported['out']}",
+         "model.attention_over=nodes", f"data.root={root}", "data.versions=[0]", f"run_dir={run}",
+         f"hydra.run.dir={run}", "text.pretrained=null", "optim.lr=0.0", "trainer.max_steps=1",
+         "trainer.batch_size=2", "trainer.val_batch_size=2", "trainer.num_workers=0", "logger.tensorboard=false"],
+        env=env, timeout=900, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    last, src = load_checkpoint(run / "checkpoints" / "last.pt"), load_checkpoint(imported["out"])
+    assert last["config"]["model"]["z_head"] == "bn_relu_mix"          # the released architecture ...
+    assert last["config"]["model"]["attention_over"] == "nodes"        # ... with the attention fixed
+    # lr = 0: every parameter is still the imported one (BN statistics move in train mode, weights do not)
+    for k in ("backbone.conv1.weight", "joint_features.proj.weight", "regressor.stages.3.head.weight",
+              "pose_heads.proj.x.weight"):
+        assert torch.equal(last["model"][k], src["model"][k]), k
+    for k in ("adapters.heads.z.resblocks.0.attn.in_proj_weight", "criterion.contrastive.logit_scale.y"):
+        assert torch.equal(last["train_heads"][k], src["train_heads"][k]), k
