@@ -383,3 +383,37 @@ def test_fine_tuning_starts_from_the_imported_weights(imported, tmp_path):
         assert torch.equal(last["model"][k], src["model"][k]), k
     for k in ("adapters.heads.z.resblocks.0.attn.in_proj_weight", "criterion.contrastive.logit_scale.y"):
         assert torch.equal(last["train_heads"][k], src["train_heads"][k]), k
+
+
+def test_our_presets_keep_the_constructor_defaults():
+    """Every named option in model/cliphand3d.yaml (and so model/small.yaml) is the constructor's default,
+    i.e. this project's design; only model/released.yaml departs from them."""
+    import inspect
+
+    from omegaconf import OmegaConf as OC
+
+    from cliphand3d.models.cliphand3d import CLIPHand3D
+
+    defaults = {k: p.default for k, p in inspect.signature(CLIPHand3D).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    preset = OC.load(REPO / "configs" / "model" / "cliphand3d.yaml")
+    options = list(defaults)[list(defaults).index("z_head"):]
+    assert options and all(preset[k] == defaults[k] for k in options), [k for k in options if preset[k] != defaults[k]]
+    released = OC.load(REPO / "configs" / "model" / "released.yaml")
+    assert released.attention_over == "batch" and all(k in released for k in ("coord_units", "cue_maps", "block"))
+
+
+def test_import_script_reports_bad_input_without_a_traceback(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "cut.pth.tar").write_bytes(b"PK\x03\x04 not really a zip")
+    script = str(REPO / "scripts" / "import_checkpoint.py")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, script, f"src={tmp_path / 'cut.pth.tar'}", f"out={tmp_path / 'x.pt'}"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 1 and "not a readable torch file" in res.stderr and "Traceback" not in res.stderr
+    res = subprocess.run([sys.executable, script, "src=only.pth.tar"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert res.returncode != 0 and "usage: python scripts/import_checkpoint.py src=" in res.stderr
