@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .checkpoint import _REFUSAL_MARKS, CheckpointError, config_to_container, save_checkpoint
-from .skeleton import MANO_TO_MPII, NUM_JOINTS
+from .skeleton import MANO_TO_MPII, NUM_JOINTS, REF_BONE
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +174,8 @@ def released_config(overrides: Sequence[str] = ()):
 def released_template(state: Mapping[str, torch.Tensor]):
     """Our MeshTemplate from the released buffers: Vertx_778 as the vertices, J_Reg in MPII order; each
     coarse level's nodes are the vertices nearest to its Vertx_* positions (exact when they are a subset;
-    only the deep-supervision targets of fine-tuning read these indices; the model keeps the positions)."""
-    from .models.template import MeshTemplate
+    only the deep-supervision targets of fine-tuning read these indices)."""
+    from .models.template import MeshTemplate, _palm_frames
 
     want = {"J_Reg": (NUM_JOINTS, LEVELS[-1]), **{f"Vertx_{n}": (n, 3) for n in LEVELS}}
     bad = [f"{k}: {tuple(state[k].shape) if k in state else 'missing'} (want {s})" for k, s in want.items()
@@ -188,7 +188,15 @@ def released_template(state: Mapping[str, torch.Tensor]):
     for n in LEVELS[:-1]:
         pos = state[f"Vertx_{n}"].double().numpy()
         levels.append(((pos[:, None] - verts[None]) ** 2).sum(-1).argmin(1))
-    return MeshTemplate(verts=verts, joints=J @ verts, levels=levels + [np.arange(len(verts))], J=J)
+    # our template's frame (wrist origin, bone units, palm axes), as the mean-shape baseline expects; the
+    # network keeps the released positions (its level_pos buffers are mapped from Vertx_*)
+    joints = J @ verts
+    bone = np.linalg.norm(joints[REF_BONE[1]] - joints[REF_BONE[0]])
+    if not np.isfinite(bone) or bone < 1e-12:
+        raise ReleasedCheckpointError("J_Reg @ Vertx_778 puts the wrist on the middle MCP: not the released template")
+    R = _palm_frames((joints - joints[0]) / bone)
+    canon = lambda p: ((p - joints[0]) / bone) @ R.T  # noqa: E731
+    return MeshTemplate(verts=canon(verts), joints=canon(joints), levels=levels + [np.arange(len(verts))], J=J)
 
 
 def _listing(title: str, keys: Sequence[str], limit: int = 12) -> str:

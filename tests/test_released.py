@@ -224,6 +224,10 @@ def test_import_maps_every_key_and_lists_what_it_drops(imported):
     for a, s in (("x", "lr"), ("y", "td"), ("z", "nf")):
         assert torch.equal(ck["train_heads"][f"criterion.contrastive.logit_scale.{a}"], sd[f"logit_scale_{s}"])
     assert torch.equal(ck["model"]["regressor.J"], sd["J_Reg"][MANO_TO_MPII])
+    # the network keeps the released template positions; our template entry is in the project's frame
+    assert torch.equal(ck["model"]["regressor.level_pos_1"], sd["Vertx_195"])
+    tj = ck["template"]["joints"]
+    assert tj[0].abs().max() < 1e-9 and abs(float(tj[9].norm()) - 1.0) < 1e-9
 
 
 @pytest.mark.parametrize("units", ["bins", "unit"])
