@@ -338,3 +338,32 @@ def test_retrieval_by_batch_drops_tail_and_averages():
     assert out[16] == 0.5
     assert out[8] == pytest.approx(2 / 5)  # chunks 0, 1 right; 2, 3, 4 wrong
     assert np.isnan(out[64])
+
+
+def test_retrieval_by_batch_known_answers_at_16_and_64():
+    n = 64
+    pose = torch.eye(n)  # pose i = e_i: unique, so matched texts are always retrieved
+    out = M.retrieval_by_batch(pose, pose.clone())
+    assert out[16] == 1.0 and out[64] == 1.0 and np.isnan(out[256])
+    # texts 16..19 rolled by one: query 16 now best matches text 17 (= e_16), and so on round the four;
+    # 4 misses in the second chunk of 16 and in the single chunk of 64: 60 / 64 either way
+    text = pose.clone()
+    text[16:20] = pose[16:20].roll(1, dims=0)
+    out = M.retrieval_by_batch(pose, text)
+    assert out[16] == 60 / 64 and out[64] == 60 / 64
+    # Four repeats of 16 directions: query i is e_(i mod 16); text i the same plus 0.1 (c + 1) e_63 in
+    # chunk c = i // 16. Within a chunk of 16 each direction occurs once: all right. Within 64 every
+    # query retrieves the chunk-0 text of its direction (largest cosine, 1 / sqrt(1.01)): only chunk 0
+    # is right, 1/4 ...
+    k, c = torch.arange(n) % 16, torch.arange(n) // 16
+    pose = torch.eye(n)[k]
+    text = pose + 0.1 * (c + 1).float()[:, None] * torch.eye(n)[63]
+    out = M.retrieval_by_batch(pose, text)
+    assert out[16] == 1.0 and out[64] == 0.25
+    # ... unless the retrieved text's prompt is the query's own sentence (DESIGN 1.6): all right
+    prompts = [f"direction {int(j)}" for j in k]
+    assert M.retrieval_by_batch(pose, text, prompts)[64] == 1.0
+    # a prompt shared only by chunks 0 and 1: chunks 0, 1 right, 2, 3 wrong at 64
+    prompts = [f"direction {int(j)}" if i < 32 else f"other {i}" for i, j in enumerate(k)]
+    assert M.retrieval_by_batch(pose, text, prompts) == pytest.approx({16: 1.0, 64: 0.5, 256: float("nan")},
+                                                                      nan_ok=True)
