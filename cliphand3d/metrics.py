@@ -286,6 +286,23 @@ def rhd_metrics(pred_xyz, gt_xyz, visible=None) -> dict[str, float]:
     return out
 
 
+def protocol_pck_curve(protocol: str, pred_xyz, gt_xyz, visible=None) -> tuple[np.ndarray, np.ndarray]:
+    """(thresholds in mm, keypoint-mean PCK) of the curve whose area the protocol reports: Procrustes-aligned
+    joints on FreiHAND's 100 thresholds (`auc_pa_0_50`) for 'freihand' / 'synthetic'; for 'rhd' the
+    hand3d-normalised joints, visible ones only, on its 20 thresholds (`auc_0_50`)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol_pck_curve: unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
+    p, g = _pair(pred_xyz, gt_xyz, "pred_xyz", "gt_xyz", NUM_JOINTS)
+    if protocol == "rhd":
+        p_s, g_rr = hand3d_normalise(p, g)
+        lo, hi, steps = RHD_PCK_RANGE
+        return pck_curve(np.linalg.norm(p_s - g_rr, axis=-1), visible, lo=lo, hi=hi, steps=steps)
+    if visible is not None:
+        raise ValueError(f"protocol_pck_curve: visible is only used by the 'rhd' protocol, not {protocol!r}")
+    lo, hi, steps = FREIHAND_PCK_RANGE
+    return pck_curve(np.linalg.norm(procrustes_align(p, g) - g, axis=-1), lo=lo, hi=hi, steps=steps)
+
+
 def evaluate(protocol: str, pred_xyz, gt_xyz, pred_verts=None, gt_verts=None, visible=None) -> dict[str, float]:
     """Dispatch to the protocol's metrics: 'freihand' | 'synthetic' (FreiHAND protocol) | 'rhd'."""
     if protocol not in PROTOCOLS:

@@ -312,6 +312,17 @@ def test_evaluate_dispatch_and_errors():
         M.evaluate("rhd", bad, gt)
 
 
+def test_protocol_pck_curve_errors():
+    gt = random_hands(2, seed=14)
+    with pytest.raises(ValueError, match="unknown protocol 'stb'"):
+        M.protocol_pck_curve("stb", gt, gt)
+    with pytest.raises(ValueError, match="only used by the 'rhd'"):
+        M.protocol_pck_curve("freihand", gt, gt, np.ones((2, 21), bool))
+    t, curve = M.protocol_pck_curve("rhd", gt, gt)  # hand3d's grid in mm, an exact fit
+    np.testing.assert_allclose(t, np.arange(20) * 50 / 19)
+    assert (curve[1:] == 1.0).all()
+
+
 # --------------------------------------------------------------------------- retrieval
 def test_retrieval_top1_and_identical_prompts():
     eye = torch.eye(8)
