@@ -37,6 +37,11 @@ BONES: tuple[tuple[int, int], ...] = tuple((p, c) for c, p in enumerate(PARENTS)
 RHD_TO_MPII: tuple[int, ...] = (0,) + tuple(1 + 4 * i + (3 - k) for i in range(5) for k in range(4))
 MPII_TO_RHD: tuple[int, ...] = RHD_TO_MPII
 
+# hand3d's RHD evaluation bone (its `keypoint_scale`, data/BinaryDbReader.py: RHD keypoints 12 -> 11),
+# middle MCP -> PIP in MPII order (DESIGN 3). Only the RHD protocol rescales with it; the model-space
+# normalisation keeps REF_BONE.
+RHD_EVAL_BONE: tuple[int, int] = (MPII_TO_RHD[12], MPII_TO_RHD[11])
+
 RHD_NUM_KEYPOINTS = 42  # 0-20 left hand, 21-41 right hand
 
 

@@ -19,8 +19,10 @@ TINY = [
     "model.depth_bins=16", "model.joint_feature_hidden=16", "model.token_dim=32", "model.widths=[32,16,16,8,8]",
     "model.blocks_per_stage=1", "model.heads=2", "model_template.num_samples=32", "trainer.max_steps=3",
     "trainer.batch_size=4", "trainer.val_batch_size=8", "trainer.num_workers=0", "logger.tensorboard=false",
-    "text.pretrained=null",
+    "text=tiny", "text.pretrained=null",
 ]
+# evaluation images: enough for 4 retrieval batches of 16 and one of 64 (eval.yaml retrieval_batch_sizes)
+N_EVAL = 64
 
 
 def sh(*args):
@@ -48,7 +50,7 @@ def official_fscore(gt, pr, th):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = write_freihand(tmp_path_factory.mktemp("fh"), num_train=6, num_eval=10, seed=3, versions=2)
+    root = write_freihand(tmp_path_factory.mktemp("fh"), num_train=6, num_eval=N_EVAL, seed=3, versions=2)
     run = tmp_path_factory.mktemp("run")
     sh(str(REPO / "scripts" / "train.py"), "+experiment=freihand", f"data.root={root}", "data.versions=[0,1]",
        f"run_dir={run}", f"hydra.run.dir={run}", *TINY)
@@ -65,7 +67,7 @@ def test_eval_writes_official_submission_and_consistent_metrics(trained, tmp_pat
     xyz, verts = np.asarray(pred[0]), np.asarray(pred[1])
     gt_xyz = np.asarray(json.loads((root / "evaluation_xyz.json").read_text()))
     gt_verts = np.asarray(json.loads((root / "evaluation_verts.json").read_text()))
-    assert xyz.shape == gt_xyz.shape == (10, 21, 3) and verts.shape == gt_verts.shape
+    assert xyz.shape == gt_xyz.shape == (N_EVAL, 21, 3) and verts.shape == gt_verts.shape
     # metres in the camera frame: the demo protocol places the prediction at the true root depth and
     # scale, so the wrist lands within the predicted root-relative depth error (well under 10 cm)
     assert np.abs(xyz[:, 0, 2] - gt_xyz[:, 0, 2]).max() < 0.1
@@ -86,11 +88,19 @@ def test_eval_writes_official_submission_and_consistent_metrics(trained, tmp_pat
     assert m["pa_mpvpe_mm"] == pytest.approx(pv, rel=1e-5)
     assert m["f5"] == pytest.approx(f5, abs=1e-9) and m["f15"] == pytest.approx(f15, abs=1e-9)
     assert m["auc_pa_0_50"] == pytest.approx(auc, abs=1e-9)
-    assert m["num_samples"] == 10 and "baseline_mean_pose" in m
+    assert m["num_samples"] == N_EVAL and "baseline_mean_pose" in m
+    # retrieval on real batches: a mean over whole batches of b samples is a multiple of 1 / N_EVAL
+    # (b divides N_EVAL); a batch size beyond the set stays NaN
+    for a in ("x", "y", "z"):
+        for b in (16, 64):
+            acc = m[f"retrieval_{a}_{b}"]
+            assert 0.0 <= acc <= 1.0 and acc * N_EVAL == pytest.approx(round(acc * N_EVAL), abs=1e-9)
+        assert np.isnan(m[f"retrieval_{a}_256"])
+    assert "retrieval_x_16" in out and "retrieval_z_64" in out
     for name in ("pck.png", "per_sample.csv", "table.md"):
         assert (tmp_path / name).stat().st_size > 0
     rows = (tmp_path / "per_sample.csv").read_text().splitlines()
-    assert rows[0] == "index,pa_mpjpe_mm,mpjpe_mm" and len(rows) == 11
+    assert rows[0] == "index,pa_mpjpe_mm,mpjpe_mm" and len(rows) == N_EVAL + 1
 
 
 def test_eval_refuses_a_checkpoint_that_does_not_fit(trained, tmp_path):
