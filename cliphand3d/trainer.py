@@ -292,7 +292,7 @@ def _train(cfg: DictConfig, rank: int, world: int, local_rank: int) -> dict:
             train_one_epoch(module, loader, optimizer, scheduler, state, device=device, total_steps=total_steps,
                             amp=tcfg.amp, scaler=scaler, grad_clip=tcfg.grad_clip, ema=ema,
                             log=logger.scalar, log_every=int(cfg.logger.log_every), on_step=on_step,
-                            progress=progress)
+                            progress=progress, max_nonfinite_steps=int(tcfg.max_nonfinite_steps))
             epoch_done = state.batch_in_epoch >= steps_per_epoch
             if epoch_done and (state.epoch + 1) % int(tcfg.val_every_epochs) == 0 and state.step < total_steps:
                 last_metrics = run_validation()
