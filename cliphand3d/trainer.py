@@ -26,6 +26,7 @@ from .ema import ModelEMA
 from .engine import NonFiniteLossError, TrainState, autocast_for, predict, train_one_epoch, unwrap
 from .models.template import MeshTemplate
 from .models.training import TrainingModule
+from .preflight import check_config
 from .run_logger import RunLogger
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ def rank_weight_checksums(module: torch.nn.Module) -> list[float]:
 # --------------------------------------------------------------------------- the run
 def train(cfg: DictConfig) -> dict:
     """Train as configured; returns the last validation metrics (and writes them to the run dir)."""
+    check_config(cfg)  # before any data, model or process group is built
     rank, world, local_rank = dist.init_distributed(cfg.trainer.get("dist_backend"))
     try:
         return _train(cfg, rank, world, local_rank)
