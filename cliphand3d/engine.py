@@ -1,11 +1,12 @@
 """One training epoch and one pass of prediction: the loop bodies, nothing about building things.
 
-`train_one_epoch` does AMP (CUDA only), clipping, EMA and the non-finite guard; `predict` runs the
-inference path over a loader and returns numpy arrays for `cliphand3d.metrics`, which train-time
-validation and eval.py share.
+`train_one_epoch` does AMP (CUDA only), clipping, EMA, the temperature clamp and the non-finite
+guards; `predict` runs the inference path over a loader and returns numpy arrays for
+`cliphand3d.metrics`, which train-time validation and eval.py share.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from contextlib import nullcontext
@@ -20,8 +21,16 @@ from . import dist
 from .geometry import uvd_to_xyz
 
 
+logger = logging.getLogger(__name__)
+
+
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class NonFiniteGradientError(NonFiniteLossError):
+    """Gradients stayed non-finite for trainer.max_nonfinite_steps batches in a row. A subclass, so
+    whatever stops a run on a non-finite loss stops it on this too."""
 
 
 @dataclass
@@ -67,17 +76,67 @@ def autocast_for(device: torch.device, amp: str | bool):
     return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
 
 
-def _check_finite(loss: torch.Tensor, terms: dict, step: int) -> None:
-    bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=loss.device)
+def _grad_norm(params: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Total 2-norm of the gradients (what clip_grad_norm_ computes; the clip reuses it)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=like.device)
+    return torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)
+
+
+def _read_step(loss: torch.Tensor, grad_norm: torch.Tensor, terms: dict, with_values: bool):
+    """The step's one host read: (loss non-finite, gradients non-finite, values or None).
+
+    The two flags are summed over ranks first, so every rank decides alike (step, skip or stop) and
+    none is left waiting in a collective. `values` (this rank's loss, gradient norm and terms) ride
+    along on logging steps only.
+    """
+    flags = torch.stack([~torch.isfinite(loss.detach()), ~torch.isfinite(grad_norm)]).float()
     if dist.is_dist():
-        # every rank must stop together, or the healthy ones hang in the next all-reduce
-        torch.distributed.all_reduce(bad)
-    if bad.item() > 0:
-        bad_terms = [k for k, v in terms.items() if not torch.isfinite(v).all()]
-        raise NonFiniteLossError(
-            f"non-finite loss at step {step} (terms: {bad_terms or 'on another rank'}); the run stops here and "
-            "the last good checkpoint is kept. Lower optim.lr, raise trainer.grad_clip, or check the data "
-            "with scripts/check_data.py")
+        torch.distributed.all_reduce(flags)
+    parts = [flags]
+    if with_values:
+        parts.append(torch.stack([loss.detach().float(), grad_norm.float(),
+                                  *(v.detach().float().reshape(()) for v in terms.values())]))
+    host = torch.cat(parts).tolist()
+    values = None
+    if with_values:
+        values = {"loss": host[2], "grad_norm": host[3], "terms": dict(zip(terms, host[4:]))}
+    return host[0] > 0, host[1] > 0, values
+
+
+def _loss_error(terms: dict, step: int) -> NonFiniteLossError:
+    bad_terms = [k for k, v in terms.items() if not torch.isfinite(v).all()]
+    return NonFiniteLossError(
+        f"non-finite loss at step {step} (terms: {bad_terms or 'on another rank'}); the run stops here and "
+        "the last good checkpoint is kept. Lower optim.lr, raise trainer.grad_clip, or check the data "
+        "with scripts/check_data.py")
+
+
+def _skip_or_stop(module: nn.Module, step: int, in_a_row: int, limit: int) -> None:
+    """A batch with non-finite gradients was skipped: warn, or stop after `limit` in a row."""
+    names = [n for n, p in unwrap(module).named_parameters()
+             if p.grad is not None and not torch.isfinite(p.grad).all()]
+    shown = names[:8] + ([f"... and {len(names) - 8} more"] if len(names) > 8 else [])
+    where = f"non-finite gradients at step {step} in {shown or 'parameters of another rank'}"
+    if in_a_row >= limit:
+        raise NonFiniteGradientError(
+            f"{where}, {in_a_row} batch(es) in a row (trainer.max_nonfinite_steps={limit}); the run stops "
+            "here and the last good checkpoint is kept. Lower optim.lr or trainer.grad_clip, or check the "
+            "data with scripts/check_data.py")
+    if dist.is_main_process():
+        logger.warning("%s: batch skipped, weights unchanged (%d of trainer.max_nonfinite_steps=%d in a row)",
+                       where, in_a_row, limit)
+
+
+def _log_step(log: Callable[[str, float, int], None], values: dict, optimizer, step: int,
+              samples_per_s: float) -> None:
+    log("train/loss", values["loss"], step)
+    for k, v in values["terms"].items():
+        log(f"train/{k}", v, step)
+    log("train/lr", optimizer.param_groups[0]["lr"], step)
+    log("train/grad_norm", values["grad_norm"], step)
+    log("train/samples_per_s", samples_per_s, step)
 
 
 def train_one_epoch(
@@ -97,16 +156,27 @@ def train_one_epoch(
     log_every: int = 20,
     on_step: Callable[[TrainState], None] | None = None,
     progress=None,
+    max_nonfinite_steps: int = 3,
 ) -> TrainState:
     """Train over `loader` (already positioned at `state.batch_in_epoch`), updating `state` in place.
 
     `on_step` runs after every optimiser step (periodic checkpoints); it sees a state that is safe to
-    resume from. Stops early when `state.step` reaches `total_steps`.
+    resume from. Stops early when `state.step` reaches `total_steps`. A non-finite loss stops the run
+    (NonFiniteLossError). Non-finite gradients without a GradScaler skip the batch (no optimiser,
+    schedule or EMA update, no step counted); `max_nonfinite_steps` such batches in a row stop the run
+    (NonFiniteGradientError). The fp16 GradScaler handles them itself (skip, lower the scale). The
+    host reads the device once per step; the loss for the bar and `log` only every `log_every` steps.
     """
+    if int(max_nonfinite_steps) < 1:
+        raise ValueError(f"trainer.max_nonfinite_steps={max_nonfinite_steps} must be >= 1 (1 = stop at the "
+                         "first batch with non-finite gradients)")
     module.train()
-    criterion = unwrap(module).criterion
+    inner = unwrap(module)
+    criterion = inner.criterion
+    clamps = [m.clamp_scales_ for m in inner.modules() if callable(getattr(m, "clamp_scales_", None))]
+    params = [p for p in module.parameters() if p.requires_grad]
     cast, _ = autocast_for(device, amp)
-    t0, seen = time.perf_counter(), 0
+    t0, seen, bad_in_a_row = time.perf_counter(), 0, 0
     for batch in loader:
         if state.step >= total_steps:
             break
@@ -114,40 +184,45 @@ def train_one_epoch(
         with cast:
             _, terms = module(batch)
             loss = criterion.total(terms)
-        _check_finite(loss, terms, state.step)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
         else:
             loss.backward()
-        grad_norm = None
-        if grad_clip:
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for p in module.parameters() if p.requires_grad], grad_clip)
+        grad_norm = _grad_norm(params, loss)
+        report = (log is not None or progress is not None) and (
+            state.step == 0 or (state.step + 1) % log_every == 0)
+        bad_loss, bad_grad, values = _read_step(loss, grad_norm, terms, with_values=report)
+        if bad_loss:
+            raise _loss_error(terms, state.step)
+        state.batch_in_epoch += 1
+        seen += batch["image"].shape[0]
+        if bad_grad and scaler is None:
+            bad_in_a_row += 1
+            _skip_or_stop(module, state.step, bad_in_a_row, int(max_nonfinite_steps))
+            continue
+        bad_in_a_row = 0
+        if grad_clip and not bad_grad:
+            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, grad_norm)
         if scaler is not None:
-            scaler.step(optimizer)
+            scaler.step(optimizer)  # skips the update itself when the gradients overflowed
             scaler.update()
         else:
             optimizer.step()
+        for clamp in clamps:  # also after a skipped scaler step: every rank clamps alike
+            clamp()
         if scheduler is not None:
             scheduler.step()
         if ema is not None:
-            ema.update(unwrap(module).model)
+            ema.update(inner.model)
         state.step += 1
-        state.batch_in_epoch += 1
-        seen += batch["image"].shape[0]
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        if log is not None and (state.step % log_every == 0 or state.step == 1):
-            log("train/loss", loss.item(), state.step)
-            for k, v in terms.items():
-                log(f"train/{k}", float(v.detach()), state.step)
-            log("train/lr", optimizer.param_groups[0]["lr"], state.step)
-            if grad_norm is not None:
-                log("train/grad_norm", float(grad_norm), state.step)
-            log("train/samples_per_s", seen / max(time.perf_counter() - t0, 1e-9), state.step)
+            if values is not None:
+                progress.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+        if log is not None and values is not None:
+            _log_step(log, values, optimizer, state.step, seen / max(time.perf_counter() - t0, 1e-9))
         if on_step is not None:
             on_step(state)
     return state

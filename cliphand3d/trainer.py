@@ -26,6 +26,7 @@ from .ema import ModelEMA
 from .engine import NonFiniteLossError, TrainState, autocast_for, predict, train_one_epoch, unwrap
 from .models.template import MeshTemplate
 from .models.training import TrainingModule
+from .preflight import check_config
 from .run_logger import RunLogger
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ def rank_weight_checksums(module: torch.nn.Module) -> list[float]:
 # --------------------------------------------------------------------------- the run
 def train(cfg: DictConfig) -> dict:
     """Train as configured; returns the last validation metrics (and writes them to the run dir)."""
+    check_config(cfg)  # before any data, model or process group is built
     rank, world, local_rank = dist.init_distributed(cfg.trainer.get("dist_backend"))
     try:
         return _train(cfg, rank, world, local_rank)
@@ -292,7 +294,7 @@ def _train(cfg: DictConfig, rank: int, world: int, local_rank: int) -> dict:
             train_one_epoch(module, loader, optimizer, scheduler, state, device=device, total_steps=total_steps,
                             amp=tcfg.amp, scaler=scaler, grad_clip=tcfg.grad_clip, ema=ema,
                             log=logger.scalar, log_every=int(cfg.logger.log_every), on_step=on_step,
-                            progress=progress)
+                            progress=progress, max_nonfinite_steps=int(tcfg.max_nonfinite_steps))
             epoch_done = state.batch_in_epoch >= steps_per_epoch
             if epoch_done and (state.epoch + 1) % int(tcfg.val_every_epochs) == 0 and state.step < total_steps:
                 last_metrics = run_validation()
