@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from cliphand3d.build import build_datasets, template_labels
+from cliphand3d.build import build_datasets, build_template, template_labels
 from cliphand3d.data.base import DatasetError, check_item, holdout_split
 from cliphand3d.data.freihand import FreiHAND
 from cliphand3d.data.rhd import RHD
@@ -176,6 +176,8 @@ def test_build_datasets_gives_training_val_and_refuses_unknown_splits(frei):
     assert set(sets["train"].ids).isdisjoint(sets["val"].ids)
     with pytest.raises(DatasetError, match="train.*val.*test"):
         build_datasets(cfg, None, splits=("eval",))
+    with pytest.raises(ValueError, match="training split only"):  # held-out labels never shape the template
+        build_template(cfg, sets["val"])
 
 
 def test_training_validates_on_val_never_test(tmp_path, monkeypatch):

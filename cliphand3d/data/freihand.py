@@ -83,9 +83,10 @@ class FreiHAND(HandDataset):
         versions (`base.holdout_split`); fraction 0 trains on every id and leaves `val` empty.
     versions: which of the 4 background versions of every training hand to use (train / val); the
         dataset is version-major: index = position in `versions` * len(ids) + position in `ids`.
-    crop: "mask" = square box around the training mask (train default); "joints" = around the
-        projected joints; "full" = the whole 224 image (eval default: evaluation has no masks). With
-        crop="full" and no augment, the crop is exactly the image (scale 1.0, not the usual 1.3).
+    crop: "mask" = square box around the training mask (train default here); "joints" = around the
+        projected joints; "full" = the whole 224 image (val / eval default: evaluation has no masks; the
+        data config trains on it too, so training frames hands as the test crops do). With crop="full"
+        and no augment, the crop is exactly the image (scale 1.0, not the usual 1.3).
     require_gt: eval only. True: evaluation_xyz.json and evaluation_verts.json must exist. False: they
         are used when present; without them `has_labels` is False and items carry only `image`, `K`,
         `scale` (evaluation_scale.json, metres) and `meta` -- no label keys, so nothing fake reaches a
