@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import metrics
-from .build import build_datasets, build_model, build_prompts
+from .build import build_datasets, build_model, build_prompts, check_split
 from .checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from .engine import predict
 from .geometry import procrustes_align, uvd_to_xyz
@@ -113,6 +113,7 @@ def write_pred_json(path: Path, pred_xyz: np.ndarray, pred_verts: np.ndarray | N
 
 
 def run_eval(cfg: DictConfig) -> dict:
+    split = check_split(cfg.split)  # before any time is spent on the checkpoint
     ckpt_path = Path(cfg.ckpt).expanduser()
     ckpt = load_checkpoint(ckpt_path)
     saved = saved_config(ckpt, str(ckpt_path))
@@ -131,7 +132,6 @@ def run_eval(cfg: DictConfig) -> dict:
     if _has_adapters(ckpt):
         text_branch = _text_branch(run, ckpt, device)
     prompts = build_prompts(run) if text_branch is not None else None
-    split = cfg.split
     dataset = build_datasets(run, prompts, splits=(split,))[split]
     loader = make_loader(dataset, batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers), device=device)
     preds = predict(model, loader, device, text_branch=text_branch)

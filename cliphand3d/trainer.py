@@ -163,7 +163,7 @@ def _train(cfg: DictConfig, rank: int, world: int, local_rank: int) -> dict:
     seed_everything(int(cfg.seed))
 
     prompts = build_prompts(cfg)
-    sets = build_datasets(cfg, prompts)
+    sets = build_datasets(cfg, prompts, splits=("train", "val"))  # never test: it must not choose best.pt
     train_set, val_set = sets["train"], sets["val"]
     saved = load_checkpoint(resume_path) if resume_path is not None else None
     if saved is not None:

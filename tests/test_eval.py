@@ -89,6 +89,7 @@ def test_eval_writes_official_submission_and_consistent_metrics(trained, tmp_pat
     assert m["f5"] == pytest.approx(f5, abs=1e-9) and m["f15"] == pytest.approx(f15, abs=1e-9)
     assert m["auc_pa_0_50"] == pytest.approx(auc, abs=1e-9)
     assert m["num_samples"] == N_EVAL and "baseline_mean_pose" in m
+    assert m["split"] == "test"  # the official evaluation split by default
     # retrieval on real batches: a mean over whole batches of b samples is a multiple of 1 / N_EVAL
     # (b divides N_EVAL); a batch size beyond the set stays NaN
     for a in ("x", "y", "z"):
@@ -101,6 +102,15 @@ def test_eval_writes_official_submission_and_consistent_metrics(trained, tmp_pat
         assert (tmp_path / name).stat().st_size > 0
     rows = (tmp_path / "per_sample.csv").read_text().splitlines()
     assert rows[0] == "index,pa_mpjpe_mm,mpjpe_mm" and len(rows) == N_EVAL + 1
+
+
+def test_eval_split_val_scores_the_held_out_training_hands(trained, tmp_path):
+    _, run = trained
+    sh(str(REPO / "scripts" / "eval.py"), f"ckpt={run / 'checkpoints' / 'best.pt'}", f"out_dir={tmp_path}",
+       "split=val", "write_pred_json=false")
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    # 6 training hands hold out round(0.03 * 6) -> at least 1, in both trained versions
+    assert m["split"] == "val" and m["num_samples"] == 2 and m["pa_mpjpe_mm"] > 0
 
 
 def test_eval_refuses_a_checkpoint_that_does_not_fit(trained, tmp_path):

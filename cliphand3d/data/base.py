@@ -103,6 +103,52 @@ def read_image_raw(path: str | Path) -> np.ndarray:
     return img
 
 
+# --------------------------------------------------------------------------- splits
+# The official folder names are accepted as split names beside the short ones.
+SPLIT_ALIASES = {"training": "train", "evaluation": "eval"}
+
+
+def split_name(split: str, choices: tuple[str, ...], dataset: str) -> str:
+    """`split` or its alias (SPLIT_ALIASES) if it is one of `choices`; else an error naming them all."""
+    name = SPLIT_ALIASES.get(split, split)
+    if name not in choices:
+        named = [*choices, *(a for a, c in SPLIT_ALIASES.items() if c in choices)]
+        raise DatasetError(f"{dataset} split {split!r} is not one of {named} (data.<train|val|test>.split)")
+    return name
+
+
+def holdout_split(ids, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train_ids, val_ids), each sorted: a seeded draw of round(fraction * n) of the n distinct ids
+    (at least 1) is held out for validation, the rest train. fraction=0 holds nothing out.
+
+    A pure function of (the set of ids, fraction, seed): the order the ids come in does not matter, and
+    the training seed plays no part, so every training run is validated on the same ids.
+    """
+    ids = np.unique(np.asarray(ids, dtype=np.int64))
+    fraction = float(fraction)
+    if not 0.0 <= fraction < 1.0:
+        raise DatasetError(f"data.val_fraction={fraction} must be in [0, 1): the share of the training ids "
+                           "held out for validation (e.g. 0.03)")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise DatasetError(f"data.holdout_seed={seed!r} must be a non-negative int")
+    if fraction == 0.0:
+        return ids, ids[:0]
+    n_val = max(1, int(round(fraction * len(ids))))
+    if n_val >= len(ids):
+        raise DatasetError(f"data.val_fraction={fraction} of {len(ids)} training id(s) leaves none to train on: "
+                           "validation needs at least 1 held-out id and training at least 1 other; lower "
+                           "data.val_fraction or use more training data")
+    val = np.sort(ids[np.random.default_rng(int(seed)).permutation(len(ids))[:n_val]])
+    return np.setdiff1d(ids, val), val
+
+
+def spread(n: int, k: int | None) -> list[int]:
+    """k indices spread evenly over range(n), first and last included; None = all."""
+    if k is None or k >= n:
+        return list(range(n))
+    return sorted(set(np.linspace(0, n - 1, max(k, 1)).round().astype(int).tolist()))
+
+
 # --------------------------------------------------------------------------- safe unpickling
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
