@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy.linalg import orthogonal_procrustes
 from scipy.spatial import cKDTree
 
@@ -107,3 +108,48 @@ def test_eval_refuses_a_checkpoint_that_does_not_fit(trained, tmp_path):
     # one message naming the mismatching keys and shapes, not a stack trace
     assert res.stderr.lstrip().startswith("error:") and "Traceback" not in res.stderr
     assert "joint_regressor" in res.stderr and "shape" in res.stderr.lower()
+
+
+# --------------------------------------------------------------------------- FreiHAND without released ground truth
+class ExactModel(torch.nn.Module):
+    """Returns the true uvd of whichever evaluation crop it is shown (looked up by its pixels): a model
+    whose predictions are exact, so any error in what predict does around it shows."""
+
+    def __init__(self, labelled):
+        super().__init__()
+        self.table = {}
+        for i in range(len(labelled)):
+            item = labelled[i]
+            self.table[item["image"].numpy().tobytes()] = (item["joints_uvd"], item["verts_uvd"])
+
+    def forward(self, images, pose_features=False):
+        rows = [self.table[im.numpy().tobytes()] for im in images]
+        return {"joints": torch.stack([r[0] for r in rows]), "verts": torch.stack([r[1] for r in rows])}
+
+
+def test_predict_without_ground_truth_places_exact_uvd_exactly(fixture_dir):
+    """FreiHAND evaluation without evaluation_xyz/verts.json: items carry only image, K and scale. With an
+    exact model, the root depth and bone estimated from uvd, K and evaluation_scale.json put joints and
+    vertices where the released ground truth has them, in dataset order, as the demo protocol (true root
+    depth and bone) does."""
+    from torch.utils.data import DataLoader
+
+    from cliphand3d.data.freihand import FreiHAND
+    from cliphand3d.engine import predict
+
+    labelled = FreiHAND(fixture_dir("fh_gt", write_freihand, num_train=1, num_eval=6, seed=4, versions=1),
+                        split="eval", img_size=64)
+    bare_root = fixture_dir("fh_nogt", write_freihand, num_train=1, num_eval=6, seed=4, versions=1, eval_gt=False)
+    bare = FreiHAND(bare_root, split="eval", img_size=64, require_gt=False)
+    assert not bare.has_labels
+    model, cpu = ExactModel(labelled), torch.device("cpu")
+    with_gt = predict(model, DataLoader(labelled, batch_size=4), cpu)
+    no_gt = predict(model, DataLoader(bare, batch_size=4), cpu)
+    gt_xyz = labelled.xyz  # evaluation_xyz.json
+    assert "gt_xyz" not in no_gt and list(no_gt["index"]) == list(range(6))
+    # float32 uvd in, metres out: agreement to a few micrometres
+    np.testing.assert_allclose(no_gt["pred_xyz"], gt_xyz, atol=5e-6)
+    np.testing.assert_allclose(no_gt["pred_verts"], labelled.verts, atol=5e-6)
+    np.testing.assert_allclose(no_gt["pred_xyz"], with_gt["pred_xyz"], atol=5e-6)
+    np.testing.assert_allclose(no_gt["root_depth"], with_gt["root_depth"], rtol=1e-5)
+    np.testing.assert_allclose(no_gt["bone"], with_gt["bone"], rtol=1e-5)
