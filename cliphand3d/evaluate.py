@@ -36,7 +36,7 @@ def saved_config(ckpt: dict, where: str) -> DictConfig:
 
 def eval_config(cfg: DictConfig, saved: DictConfig) -> DictConfig:
     """The run's config with eval-time data overrides: `data=NAME` replaces the data group,
-    `root=DIR` sets data.root."""
+    `root=DIR` sets data.root and the root of every split entry."""
     run = saved.copy()
     OmegaConf.set_struct(run, False)
     if cfg.get("data") is not None:
@@ -44,6 +44,10 @@ def eval_config(cfg: DictConfig, saved: DictConfig) -> DictConfig:
         run.data.img_size = saved.data.img_size  # the model was built for this crop size
     if cfg.get("root") is not None:
         run.data.root = cfg.root
+        # a checkpoint stores its config resolved: the split entries hold the old path, not ${data.root}
+        for node in run.data.values():
+            if OmegaConf.is_dict(node) and "root" in node:
+                node.root = cfg.root
     return run
 
 

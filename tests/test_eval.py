@@ -153,3 +153,17 @@ def test_predict_without_ground_truth_places_exact_uvd_exactly(fixture_dir):
     np.testing.assert_allclose(no_gt["pred_xyz"], with_gt["pred_xyz"], atol=5e-6)
     np.testing.assert_allclose(no_gt["root_depth"], with_gt["root_depth"], rtol=1e-5)
     np.testing.assert_allclose(no_gt["bone"], with_gt["bone"], rtol=1e-5)
+
+
+def test_eval_root_override_reaches_every_split():
+    """A checkpoint stores its config resolved: data.train.root / data.val.root are paths, not ${data.root}.
+    eval.py's root=DIR must move the splits too, or it silently evaluates the old folder."""
+    from omegaconf import OmegaConf
+
+    from cliphand3d.evaluate import eval_config
+
+    saved = OmegaConf.create({"data": {"root": "/old", "img_size": 64, "train": {"root": "/old", "split": "train"},
+                                       "val": {"root": "/old", "split": "eval"}, "test": {"root": "/old"}}})
+    run = eval_config(OmegaConf.create({"data": None, "root": "/new"}), saved)
+    assert run.data.root == run.data.train.root == run.data.val.root == run.data.test.root == "/new"
+    assert saved.data.val.root == "/old"  # the checkpoint's own config is left alone
