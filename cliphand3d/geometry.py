@@ -148,10 +148,15 @@ def crop_and_rotate(image: np.ndarray, K: np.ndarray, center, size: float, out_s
     K_new = A K R^T (upper triangular when fx == fy and there is no skew).
     """
     A = crop_affine(center, size, out_size, rot_rad)
-    R = rotation_z(rot_rad)
     crop = cv2.warpAffine(image, A[:2], (out_size, out_size), flags=interpolation,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=border_value)
-    return crop, A @ K @ R.T, R
+    return (crop, *crop_intrinsics(K, center, size, out_size, rot_rad))
+
+
+def crop_intrinsics(K: np.ndarray, center, size: float, out_size: int, rot_rad: float = 0.0):
+    """(K_new, R) of the crop `crop_and_rotate` makes, without an image: labels follow with xyz @ R.T."""
+    R = rotation_z(rot_rad)
+    return crop_affine(center, size, out_size, rot_rad) @ K @ R.T, R
 
 
 def mirror_lr(image: np.ndarray | None, xyz: np.ndarray, K: np.ndarray, width: int):

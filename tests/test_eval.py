@@ -167,3 +167,67 @@ def test_eval_root_override_reaches_every_split():
     run = eval_config(OmegaConf.create({"data": None, "root": "/new"}), saved)
     assert run.data.root == run.data.train.root == run.data.val.root == run.data.test.root == "/new"
     assert saved.data.val.root == "/old"  # the checkpoint's own config is left alone
+
+
+# --------------------------------------------------------------------------- mean-pose baseline from labels
+def _no_rgb(monkeypatch, *modules):
+    """read_image raises for colour images in these modules (grayscale masks are labels and stay readable)."""
+    def refuse(path, *, grayscale=False):
+        if not grayscale:
+            raise AssertionError(f"decoded an RGB image for a label statistic: {path}")
+        return real(path, grayscale=True)
+
+    from cliphand3d.data import base
+    real = base.read_image
+    for m in (base, *modules):
+        monkeypatch.setattr(m, "read_image", refuse)
+
+
+def _item_mean(ds, indices):
+    """The old computation: decode, crop and augment each item, average its uvd labels."""
+    items = [ds[int(i)] for i in indices]
+    return {k: np.mean([it[k].double().numpy() for it in items], 0) for k in ("joints_uvd", "verts_uvd")
+            if k in items[0]}
+
+
+@pytest.mark.parametrize("crop", ["mask", "full", "joints"])
+def test_mean_pose_baseline_from_labels_equals_the_image_based_one_freihand(fixture_dir, monkeypatch, crop):
+    from cliphand3d.data import freihand
+    from cliphand3d.data.transforms import CropAugment
+    from cliphand3d.evaluate import training_mean_uvd
+
+    root = fixture_dir("fh_base", write_freihand, num_train=8, num_eval=1, seed=5, versions=2)
+    ds = freihand.FreiHAND(root, split="train", versions=(0, 1), img_size=64, crop=crop,
+                           augment=CropAugment(color_jitter=0.2))  # every random draw the items make
+    indices = [0, 2, 4, 6, 9, 11, 13, 15]  # 8 of 16, evenly spaced over both versions
+    old = _item_mean(ds, indices)
+    _no_rgb(monkeypatch, freihand)
+    if crop != "mask":  # no mask either: the box comes from the labels or the image header
+        monkeypatch.setattr(freihand.FreiHAND, "read_mask", lambda *a: pytest.fail("read a mask"))
+    new = training_mean_uvd(ds, 8)
+    assert set(new) == {"joints_uvd", "verts_uvd"}
+    for k in new:  # items are float32
+        np.testing.assert_allclose(new[k], old[k], atol=2e-6)
+    with pytest.raises(AssertionError, match="decoded an RGB image"):
+        ds[0]  # the guard is live
+
+
+def test_mean_pose_baseline_from_labels_equals_the_image_based_one_rhd_and_synthetic(fixture_dir, monkeypatch):
+    from cliphand3d.data import rhd
+    from cliphand3d.data.synthetic import SyntheticHands
+    from cliphand3d.data.transforms import CropAugment
+    from cliphand3d.data.writers import write_rhd
+    from cliphand3d.evaluate import training_mean_uvd
+
+    ds = rhd.RHD(fixture_dir("rhd_base", write_rhd, num_train=6, num_eval=1, seed=2), split="train", img_size=64,
+                 augment=CropAugment())
+    assert {ds.load_raw(i).extra["side"] for i in range(6)} == {"left", "right"}  # both mirror paths
+    old = _item_mean(ds, range(6))
+    _no_rgb(monkeypatch, rhd)
+    np.testing.assert_allclose(training_mean_uvd(ds, 100)["joints_uvd"], old["joints_uvd"], atol=2e-6)
+    # synthetic hands have no files: the silhouette that frames them comes from drawing them, as items do
+    syn = SyntheticHands(length=20, img_size=48, augment=CropAugment())
+    old = _item_mean(syn, [0, 5, 10, 14, 19])
+    new = training_mean_uvd(syn, 5)
+    for k in new:
+        np.testing.assert_allclose(new[k], old[k], atol=2e-6)
