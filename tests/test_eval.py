@@ -2,12 +2,14 @@
 metrics.json agrees with an independent computation from pred.json and the released ground truth."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import torch
 from scipy.linalg import orthogonal_procrustes
 from scipy.spatial import cKDTree
@@ -153,6 +155,98 @@ def test_predict_without_ground_truth_places_exact_uvd_exactly(fixture_dir):
     np.testing.assert_allclose(no_gt["pred_xyz"], with_gt["pred_xyz"], atol=5e-6)
     np.testing.assert_allclose(no_gt["root_depth"], with_gt["root_depth"], rtol=1e-5)
     np.testing.assert_allclose(no_gt["bone"], with_gt["bone"], rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def placements(trained, tmp_path_factory):
+    """eval.py three ways on one checkpoint: labelled with the true root depth and bone (default), labelled
+    with them estimated, and on a copy of the layout without the released ground truth."""
+    root, run = trained
+    ckpt = run / "checkpoints" / "best.pt"
+    out = tmp_path_factory.mktemp("placements")
+    bare = out / "bare"
+    shutil.copytree(root, bare, ignore=shutil.ignore_patterns("evaluation_xyz.json", "evaluation_verts.json",
+                                                              "evaluation_mano.json"))
+    sh(str(REPO / "scripts" / "eval.py"), f"ckpt={ckpt}", f"out_dir={out / 'gt'}")
+    sh(str(REPO / "scripts" / "eval.py"), f"ckpt={ckpt}", f"out_dir={out / 'est'}", "placement=estimated")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    nogt = subprocess.run([sys.executable, str(REPO / "scripts" / "eval.py"), f"ckpt={ckpt}", f"root={bare}",
+                           f"out_dir={out / 'nogt'}"], capture_output=True, text=True, timeout=600, env=env)
+    return root, out, nogt
+
+
+def test_eval_without_ground_truth_writes_the_submission(placements):
+    root, out, nogt = placements
+    assert nogt.returncode == 0, nogt.stderr[-3000:]
+    said = nogt.stdout + nogt.stderr
+    # no metrics, and the message names what is missing and where to get it
+    assert "no metrics can be computed" in said
+    assert "evaluation_xyz.json" in said and "FreiHAND_pub_v2_eval.zip" in said
+    pred = json.loads((out / "nogt" / "pred.json").read_text())
+    assert isinstance(pred, list) and len(pred) == 2
+    xyz, verts = np.asarray(pred[0]), np.asarray(pred[1])
+    gt_xyz = np.asarray(json.loads((root / "evaluation_xyz.json").read_text()))
+    gt_verts = np.asarray(json.loads((root / "evaluation_verts.json").read_text()))
+    assert xyz.shape == gt_xyz.shape == (10, 21, 3) and verts.shape == gt_verts.shape
+    # the same file a labelled run writes when told to place predictions without labels: same images, K
+    # and scale (evaluation_scale.json there, |xyz9 - xyz10| of the labels here), in dataset order
+    est = json.loads((out / "est" / "pred.json").read_text())
+    # (float32 scale from two sources: 1e-6 relative)
+    np.testing.assert_allclose(xyz, est[0], rtol=1e-5)
+    np.testing.assert_allclose(verts, est[1], rtol=1e-5)
+    # whatever the model got wrong, the submission has the metric size the release gives: the middle
+    # MCP -> PIP bone of every hand is evaluation_scale.json's length
+    scale = np.asarray(json.loads((root / "evaluation_scale.json").read_text()))
+    np.testing.assert_allclose(np.linalg.norm(xyz[:, 9] - xyz[:, 10], axis=-1), scale, rtol=1e-5)
+    m = json.loads((out / "nogt" / "metrics.json").read_text())
+    assert m["placement"] == "estimated" and m["num_samples"] == 10 and "pa_mpjpe_mm" not in m
+    assert not (out / "nogt" / "table.md").exists()
+
+
+ALIGNED = ("pa_mpjpe_mm", "auc_pa_0_50", "pa_mpvpe_mm", "f5", "f15")
+UNALIGNED = ("mpjpe_mm", "kp_error_mm", "mpvpe_mm", "verts_error_mm")
+
+
+def test_a_right_root_depth_ratio_leaves_every_aligned_figure_unchanged():
+    """Placing uvd with root depth c*z and bone c*b scales the hand about the camera centre by c: when the
+    estimate gets Zn = z / b right, only the metric size can be off, and the Procrustes-aligned figures
+    (which fit a scale) do not move, while the unaligned ones do."""
+    from cliphand3d import geometry as G
+    from cliphand3d import metrics
+    from cliphand3d.data.synthetic import sample_hand
+
+    hands = [sample_hand(9, i) for i in range(12)]
+    gt, gv = np.stack([h.xyz for h in hands]), np.stack([h.verts for h in hands])
+    K = np.stack([h.K for h in hands])
+    uvd, root, bone = G.xyz_to_uvd(gt, K, 224)
+    rng = np.random.default_rng(0)
+    noisy = uvd + rng.normal(0, [0.01, 0.01, 0.15], size=uvd.shape)  # a model's errors
+    noisy_v = G.points_to_uvd(gv, K, 224, root, bone) + rng.normal(0, [0.01, 0.01, 0.15], size=gv.shape)
+    ref = metrics.freihand_metrics(G.uvd_to_xyz(noisy, K, 224, root, bone), gt,
+                                   G.uvd_to_xyz(noisy_v, K, 224, root, bone), gv)
+    for c in (0.8, 1.25):
+        m = metrics.freihand_metrics(G.uvd_to_xyz(noisy, K, 224, c * root, c * bone), gt,
+                                     G.uvd_to_xyz(noisy_v, K, 224, c * root, c * bone), gv)
+        for k in ALIGNED:  # to 1e-6: the scorer's +1e-8 m on the Procrustes norms is not scale-free
+            assert m[k] == pytest.approx(ref[k], rel=1e-6, abs=1e-12), k
+        for k in UNALIGNED:
+            assert abs(m[k] - ref[k]) > 0.05 * ref[k], k
+
+
+def test_estimated_placement_on_a_trained_model_changes_unaligned_figures_far_more(placements):
+    """Measured on the tiny checkpoint (3 steps: its uvd is poor, and the root depth estimated from it is
+    several times too far). Aligned figures move only through the perspective of that wrong root-depth
+    ratio: 0.6% for PA-MPJPE here; the unaligned ones carry the whole placement error (2.5x for MPJPE)."""
+    _, out, _ = placements
+    g = json.loads((out / "gt" / "metrics.json").read_text())
+    e = json.loads((out / "est" / "metrics.json").read_text())
+    assert (g["placement"], e["placement"]) == ("gt", "estimated")
+    for k in ALIGNED:
+        assert e[k] == pytest.approx(g[k], rel=0.05), k
+    for k in ("mpjpe_mm", "kp_error_mm", "mpvpe_mm", "verts_error_mm"):
+        assert abs(e[k] - g[k]) > 0.25 * g[k], k
+    # both rows of the table placed the same way: the baseline too, from its own mean pose
+    assert e["baseline_mean_pose"]["pa_mpjpe_mm"] == pytest.approx(g["baseline_mean_pose"]["pa_mpjpe_mm"], rel=0.1)
 
 
 def test_eval_root_override_reaches_every_split():

@@ -220,3 +220,8 @@ class FreiHAND(HandDataset):
             raise DatasetError(f"FreiHAND {self.split} has no labels here.\n  fix: {eval_gt_fix(self.root)}")
         m = self.num_unique if limit is None else min(int(limit), self.num_unique)
         return self.xyz[:m], self.verts[:m]
+
+    def labels_hint(self) -> str:
+        """Where this split's missing labels come from (eval.py's message when it can only predict)."""
+        return (f"download FreiHAND_pub_v2_eval.zip ({EVAL_ZIP_URL}) and copy its evaluation_xyz.json and "
+                f"evaluation_verts.json next to {self.root}/{SPLITS[self.split]}_K.json")
