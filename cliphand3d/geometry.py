@@ -79,8 +79,8 @@ def root_and_bone_from_uvd(uvd, K, img_size: int, scale):
     bone long gives a quadratic in Zn, of which the larger root is taken (the other is negative
     whenever the bone is not seen nearly end-on). The metric size then comes from `scale`:
     bone = scale / |X_9 - X_10| of that unit-bone reconstruction, root_depth = Zn * bone.
-    exact is False where the discriminant is negative (|d_0 - d_9| alone is over one bone, so no depth
-    fits): there Zn is the depth at which the reference bone comes closest to one bone long.
+    exact is False where the discriminant is negative (no depth makes the reference bone one bone long,
+    e.g. when |d_0 - d_9| > 1): there Zn is the depth at which it comes closest (the parabola's vertex).
     """
     as_numpy = not isinstance(uvd, torch.Tensor)
     uvd_t = torch.as_tensor(np.asarray(uvd) if as_numpy else uvd).double()
