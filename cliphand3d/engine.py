@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from . import dist
-from .geometry import uvd_to_xyz
+from .geometry import root_and_bone_from_uvd, uvd_to_xyz
+from .skeleton import SCALE_BONE
 
 
 logger = logging.getLogger(__name__)
@@ -228,11 +229,22 @@ def train_one_epoch(
     return state
 
 
+PLACEMENTS = ("auto", "gt", "estimated")
+
+
 @torch.no_grad()
-def predict(model: nn.Module, loader: Iterable, device: torch.device, *, text_branch=None) -> dict:
+def predict(model: nn.Module, loader: Iterable, device: torch.device, *, text_branch=None,
+            placement: str = "auto") -> dict:
     """Run the inference path over a loader. Returns numpy arrays (metres) in dataset order:
     pred/gt joints xyz, pred/gt verts xyz (when present), visibility, source indices, and the per-axis
-    pose/text features when a text branch (callable prompts -> {axis: feats}) is given."""
+    pose/text features when a text branch (callable prompts -> {axis: feats}) is given.
+
+    placement: how uvd becomes metres. "gt": the true root depth and bone (the demo protocol);
+    "estimated": both recovered from the predicted uvd, K and the metric scale (`item["scale"]`, or
+    |xyz[9] - xyz[10]| of the labels), as a submission without labels must; "auto": "gt" when items
+    carry labels."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement={placement!r} is not one of {PLACEMENTS} (eval.py placement=...)")
     model.eval()
     acc: dict[str, list] = {}
 
@@ -243,16 +255,22 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, *, text_br
         batch = to_device(batch, device)
         out = model(batch["image"], pose_features=text_branch is not None)
         S = batch["image"].shape[-1]
-        K, root, bone = batch["K"], batch["root_depth"], batch["bone"]
+        K = batch["K"]
+        root, bone, extra = _placement(out["joints"].float(), batch, S, placement)
+        for k, v in extra.items():
+            add(k, v)
         add("pred_xyz", uvd_to_xyz(out["joints"].float(), K, S, root, bone))
-        add("gt_xyz", batch["joints_xyz"])
+        if "joints_xyz" in batch:
+            add("gt_xyz", batch["joints_xyz"])
         add("pred_uvd", out["joints"])
         add("K", K)
         add("root_depth", root)
         add("bone", bone)
-        if out.get("verts") is not None and "verts_xyz" in batch:
+        # vertices where they can be scored, and always without labels (the submission file wants them)
+        if out.get("verts") is not None and ("verts_xyz" in batch or "joints_xyz" not in batch):
             add("pred_verts", uvd_to_xyz(out["verts"].float(), K, S, root, bone))
-            add("gt_verts", batch["verts_xyz"])
+            if "verts_xyz" in batch:
+                add("gt_verts", batch["verts_xyz"])
         if "visible" in batch:
             add("visible", batch["visible"])
         add("index", batch["meta"]["index"])
@@ -266,3 +284,23 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, *, text_br
     for k, v in acc.items():
         result[k] = v if k.startswith("prompt_") else np.concatenate(v, 0)
     return result
+
+
+def _placement(uvd: torch.Tensor, batch: dict, img_size: int, placement: str):
+    """(root_depth, bone, extra outputs) that turn this batch's uvd into metres (see `predict`)."""
+    labelled = "root_depth" in batch
+    if placement == "gt" or (placement == "auto" and labelled):
+        if not labelled:
+            raise ValueError("placement='gt' needs the true root depth and bone, and these items carry no labels "
+                             "(e.g. FreiHAND evaluation without evaluation_xyz.json); use placement=estimated")
+        return batch["root_depth"], batch["bone"], {}
+    if "scale" in batch:
+        scale = batch["scale"]
+    elif "joints_xyz" in batch:  # what FreiHAND's scale files hold, measured on the labels
+        j = batch["joints_xyz"]
+        scale = (j[..., SCALE_BONE[0], :] - j[..., SCALE_BONE[1], :]).norm(dim=-1)
+    else:
+        raise ValueError("placement='estimated' needs each item's metric scale (item['scale'], FreiHAND's "
+                         "*_scale.json) or its labels; this dataset provides neither")
+    root, bone, exact = root_and_bone_from_uvd(uvd, batch["K"], img_size, scale)
+    return root, bone, {"scale": scale, "placement_exact": exact}

@@ -11,6 +11,8 @@ NUM_JOINTS = 21
 ROOT = 0
 # Bone used to normalise depth (DESIGN 1.10): wrist -> middle MCP.
 REF_BONE = (0, 9)
+# FreiHAND's metric scale (training/evaluation_scale.json, DESIGN 2): |xyz[9] - xyz[10]|, middle MCP -> PIP.
+SCALE_BONE = (9, 10)
 
 FINGERS = ("thumb", "index", "middle", "ring", "little")
 JOINT_KINDS = ("MCP", "PIP", "DIP", "fingertip")

@@ -92,6 +92,22 @@ def read_image(path: str | Path, *, grayscale: bool = False) -> np.ndarray:
     return img if grayscale else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) from the image file's header, without decoding its pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    try:
+        with Image.open(p) as im:
+            width, height = im.size
+    except FileNotFoundError:
+        raise DatasetError(f"image not found: {p}\n  fix: check the dataset root and that the archive was "
+                           "fully unpacked (run scripts/check_data.py)") from None
+    except UnidentifiedImageError:
+        raise DatasetError(f"image cannot be decoded: {p}\n  fix: re-download or re-extract this file") from None
+    return height, width
+
+
 def read_image_raw(path: str | Path) -> np.ndarray:
     """Decode keeping channels and bit depth (RHD depth/mask PNGs); RGB order for colour images."""
     p = Path(path)
@@ -190,7 +206,7 @@ def load_plain_pickle(path: str | Path, fix: str) -> Any:
 class RawSample:
     """One hand as stored on disk, before cropping: full image and camera-frame labels (right hand)."""
 
-    image: np.ndarray  # uint8 (H, W, 3) RGB
+    image: np.ndarray | None  # uint8 (H, W, 3) RGB; None from `label_sample` (labels only)
     K: np.ndarray  # (3, 3)
     xyz: np.ndarray  # (21, 3) metres, MPII order, right hand
     box: tuple[float, float, float]  # tight square box (cx, cy, size) in pixels, before the crop scale
@@ -225,6 +241,20 @@ class HandDataset(Dataset):
 
     def load_raw(self, index: int) -> RawSample:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def label_sample(self, index: int) -> RawSample:
+        """`load_raw` without the image (image=None), for statistics over labels. Datasets that can find
+        their crop box without decoding the picture override this; the fallback decodes it."""
+        raw = self.load_raw(index)
+        raw.image = None
+        return raw
+
+    def label_targets(self, index: int) -> dict:
+        """Item `index`'s label keys (float64 numpy), as `__getitem__` makes them, without the image."""
+        from .transforms import label_targets  # transforms imports this module
+
+        return label_targets(self.label_sample(index), img_size=self.img_size, augment=self.augment,
+                             rng=self.rng_for(index))
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from ..geometry import crop_and_rotate, project, square_box
-from .base import (DatasetError, HandDataset, RawSample, check_lengths, holdout_split, load_json, read_image,
-                   require_dir, split_name, spread)
+from .base import (DatasetError, HandDataset, RawSample, check_lengths, holdout_split, image_size, load_json,
+                   read_image, require_dir, split_name, spread)
 from .transforms import EVAL_CROP, CropAugment, box_from_mask, normalize_image
 
 RELEASE_UNIQUE_TRAIN = 32560  # the release's unique training hands; for messages only
@@ -183,9 +183,9 @@ class FreiHAND(HandDataset):
         """bool (H, W): the hand in the training mask (JPEG, so thresholded at 127)."""
         return read_image(self.mask_path(index), grayscale=True) > 127
 
-    def _box(self, index: int, image: np.ndarray, xyz: np.ndarray | None, K: np.ndarray):
+    def _box(self, index: int, image_hw: tuple[int, int], xyz: np.ndarray | None, K: np.ndarray):
         if self.crop == "full":
-            return full_box(image.shape[1], image.shape[0])
+            return full_box(image_hw[1], image_hw[0])
         if self.crop == "joints":
             return square_box(project(xyz, K), scale=1.0)
         mask = self.read_mask(index)
@@ -201,7 +201,19 @@ class FreiHAND(HandDataset):
         path = self.image_path(index)
         image = read_image(path)
         K, xyz = self.K[uid], self.xyz[uid]
-        return RawSample(image=image, K=K, xyz=xyz, box=self._box(index, image, xyz, K), file=str(path),
+        return RawSample(image=image, K=K, xyz=xyz, box=self._box(index, image.shape[:2], xyz, K), file=str(path),
+                         verts=self.verts[uid].astype(np.float64), extra={"unique_id": uid})
+
+    def label_sample(self, index: int) -> RawSample:
+        """`load_raw` without decoding the RGB image: the crop box comes from the labels (crop="joints"),
+        the file header's size (crop="full") or the training mask, itself a label file (crop="mask")."""
+        if not self.has_labels:
+            raise DatasetError(f"FreiHAND {self.split} has no labels here.\n  fix: {eval_gt_fix(self.root)}")
+        uid, _ = self.locate(index)
+        path = self.image_path(index)
+        K, xyz = self.K[uid], self.xyz[uid]
+        hw = image_size(path) if self.crop == "full" else None
+        return RawSample(image=None, K=K, xyz=xyz, box=self._box(index, hw, xyz, K), file=str(path),
                          verts=self.verts[uid].astype(np.float64), extra={"unique_id": uid})
 
     def __getitem__(self, index: int) -> dict:
@@ -213,7 +225,7 @@ class FreiHAND(HandDataset):
         image = read_image(path)
         aug = self.augment if self.augment is not None else EVAL_CROP
         p = aug.sample(None)  # unlabeled items are for inference: always the deterministic crop
-        cx, cy, side = self._box(index, image, None, self.K[index])
+        cx, cy, side = self._box(index, image.shape[:2], None, self.K[index])
         crop, K, _ = crop_and_rotate(image, self.K[index], (cx, cy), side * p["scale"], self.img_size)
         return {"image": normalize_image(crop), "K": torch.as_tensor(K, dtype=torch.float32),
                 "scale": torch.tensor(float(self.scale[index]), dtype=torch.float32),
@@ -227,3 +239,8 @@ class FreiHAND(HandDataset):
             raise DatasetError(f"FreiHAND {self.split} has no labels here.\n  fix: {eval_gt_fix(self.root)}")
         ids = self.ids[spread(len(self.ids), None if limit is None else int(limit))]
         return self.xyz[ids], self.verts[ids]
+
+    def labels_hint(self) -> str:
+        """Where this split's missing labels come from (eval.py's message when it can only predict)."""
+        return (f"download FreiHAND_pub_v2_eval.zip ({EVAL_ZIP_URL}) and copy its evaluation_xyz.json and "
+                f"evaluation_verts.json next to {self.root}/evaluation_K.json")

@@ -174,10 +174,16 @@ class RHD(HandDataset):
         return rhd_to_mpii(xyz).astype(np.float32), None
 
     def load_raw(self, index: int) -> RawSample:
-        path = self.color_path(index)
-        image = read_image(path)
+        return self._sample(index, read_image(self.color_path(index)))
+
+    def label_sample(self, index: int) -> RawSample:
+        """`load_raw` without decoding the colour image. The hand's side and crop box come from the
+        segmentation mask, which is a label file, so it is read."""
+        return self._sample(index, None)
+
+    def _sample(self, index: int, image: np.ndarray | None) -> RawSample:
         mask = self.read_mask(index)
-        if mask.shape[:2] != image.shape[:2]:
+        if image is not None and mask.shape[:2] != image.shape[:2]:
             raise DatasetError(f"{self.mask_path(index)}: mask is {mask.shape[:2]} but the image is "
                                f"{image.shape[:2]}.\n  fix: re-extract both files from RHD_v1-1.zip")
         side = choose_hand(mask, self.uv_vis[index, :, 2] > 0)
@@ -186,10 +192,10 @@ class RHD(HandDataset):
         uv_vis = rhd_to_mpii(self.uv_vis[index, slots])
         K, uv, own = self.K[index], uv_vis[:, :2].copy(), hand_mask(mask, side)
         if side == "left":
-            width = image.shape[1]
+            width = mask.shape[1]
             image, xyz, K = mirror_lr(image, xyz, K, width)
             own = own[:, ::-1]
             uv[:, 0] = width - 1 - uv[:, 0]
         box = box_from_mask(own) if own.any() else square_box(project(xyz, K), scale=1.0)
-        return RawSample(image=image, K=K, xyz=xyz, box=box, file=str(path), visible=uv_vis[:, 2] > 0,
-                         extra={"side": side, "id": self.ids[index], "uv": uv})
+        return RawSample(image=image, K=K, xyz=xyz, box=box, file=str(self.color_path(index)),
+                         visible=uv_vis[:, 2] > 0, extra={"side": side, "id": self.ids[index], "uv": uv})
