@@ -9,6 +9,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from .data.base import DatasetError
 from .models.template import MeshTemplate, load_or_build_template
 
 log = logging.getLogger(__name__)
@@ -18,13 +19,28 @@ def build_prompts(cfg: DictConfig):
     return instantiate(cfg.prompt) if cfg.get("prompt") is not None else None
 
 
+# The entries of every data config: train, val (held out of the training data: validation and best.pt)
+# and test (the official evaluation split: eval.py only).
+DATA_SPLITS = ("train", "val", "test")
+
+
+def check_split(split: str) -> str:
+    if split not in DATA_SPLITS:
+        raise DatasetError(f"split={split!r} is not an entry of the data config; choose one of "
+                           f"{', '.join(DATA_SPLITS)} (test = the official evaluation split)")
+    return split
+
+
 def build_datasets(cfg: DictConfig, prompts=None, splits=("train", "val")):
-    """The data group's `train` / `val` entries, each given the prompt generator."""
+    """The data group's entries named in `splits` (default: what training uses, never test), each given
+    the prompt generator."""
     out = {}
     for split in splits:
-        node = cfg.data.get(split)
+        node = cfg.data.get(check_split(split))
         if node is None:
-            raise KeyError(f"data.{split} is missing from the data config ({cfg.data.get('name', '?')})")
+            raise DatasetError(f"data.{split} is missing from the data config ({cfg.data.get('name', '?')}); a "
+                               "checkpoint trained before the train/val/test split stores such a config: pass "
+                               "data=<name> to eval.py to evaluate with the current data config")
         out[split] = instantiate(node, prompts=prompts)
     return out
 
@@ -45,6 +61,9 @@ def template_labels(dataset, max_samples: int):
 def build_template(cfg: DictConfig, train_set) -> MeshTemplate:
     """Data-derived template and J (DESIGN 1.8), cached next to the data. Without meshes (or with
     model_template.joints_only) the regressor runs on the 21 joints."""
+    if getattr(train_set, "split", "train") != "train":
+        raise ValueError(f"the mesh template is derived from the training split only, got split "
+                         f"{train_set.split!r}: held-out labels must not shape the model")
     tcfg = cfg.model_template
     xyz, verts = template_labels(train_set, int(tcfg.num_samples))
     # next to the data when there is a data folder; generated data uses model_template.cache_dir

@@ -50,6 +50,8 @@ _GROUP_HINTS: dict[str, str] = {
     "criterion": "loss.*",
 }
 _MAX_LISTED = 10
+# Entries of a training checkpoint that hold weights: never written with a NaN or inf in them.
+_WEIGHT_ENTRIES = ("model", "train_heads", "ema")
 
 
 class CheckpointError(RuntimeError):
@@ -103,15 +105,38 @@ def _default_file_mode() -> int:
     return 0o666 & ~umask
 
 
+def _non_finite_weights(obj: Any, where: str, out: list[str]) -> list[str]:
+    """Dotted names of the floating-point tensors in `obj` (nested dicts) holding a NaN or inf."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
+            out.append(where)
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            _non_finite_weights(v, f"{where}.{k}", out)
+    return out
+
+
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
     """Write `state` to `path` atomically; returns the path.
 
     torch.save goes to a temp file in the same folder (same file system, so the rename is atomic),
     which is flushed and fsynced before `os.replace` puts it in place and the folder is fsynced.
     A crash at any point leaves either the old file or the new one, never a partial one; on an
-    error the temp file is removed and the error re-raised.
+    error the temp file is removed and the error re-raised. Weights (the `model`, `train_heads` and
+    `ema` entries) with a NaN or inf are refused with a CheckpointError: the file on disk stays the
+    last good checkpoint.
     """
     path = Path(path)
+    bad_weights: list[str] = []
+    for key in _WEIGHT_ENTRIES:
+        _non_finite_weights(state.get(key), key, bad_weights)
+    if bad_weights:
+        shown = ", ".join(bad_weights[:_MAX_LISTED]) + (
+            f" and {len(bad_weights) - _MAX_LISTED} more" if len(bad_weights) > _MAX_LISTED else "")
+        raise CheckpointError(
+            f"refusing to write {path}: non-finite weights in {shown}; the file on disk (if any) stays the "
+            "last good checkpoint. The run diverged: lower optim.lr or trainer.grad_clip, or check the data "
+            "with scripts/check_data.py, and resume from that checkpoint or start afresh")
     bad = _unsafe_entry(dict(state), "state")
     if bad:
         where, kind = bad

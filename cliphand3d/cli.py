@@ -13,9 +13,10 @@ from .checkpoint import CheckpointError
 from .data.base import DatasetError
 from .models.backbone import PretrainedWeightsError
 from .models.text_encoder import PretrainedWeightsUnavailable
+from .preflight import ConfigError
 
 USER_ERRORS = (DatasetError, CheckpointError, PretrainedWeightsError, PretrainedWeightsUnavailable,
-               FileNotFoundError)
+               FileNotFoundError, ConfigError)
 
 
 def _user_error(exc: BaseException) -> BaseException | None:

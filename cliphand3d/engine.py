@@ -1,11 +1,12 @@
 """One training epoch and one pass of prediction: the loop bodies, nothing about building things.
 
-`train_one_epoch` does AMP (CUDA only), clipping, EMA and the non-finite guard; `predict` runs the
-inference path over a loader and returns numpy arrays for `cliphand3d.metrics`, which train-time
-validation and eval.py share.
+`train_one_epoch` does AMP (CUDA only), clipping, EMA, the temperature clamp and the non-finite
+guards; `predict` runs the inference path over a loader and returns numpy arrays for
+`cliphand3d.metrics`, which train-time validation and eval.py share.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from contextlib import nullcontext
@@ -17,11 +18,20 @@ import torch
 from torch import nn
 
 from . import dist
-from .geometry import uvd_to_xyz
+from .geometry import root_and_bone_from_uvd, uvd_to_xyz
+from .skeleton import SCALE_BONE
+
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class NonFiniteGradientError(NonFiniteLossError):
+    """Gradients stayed non-finite for trainer.max_nonfinite_steps batches in a row. A subclass, so
+    whatever stops a run on a non-finite loss stops it on this too."""
 
 
 @dataclass
@@ -67,17 +77,67 @@ def autocast_for(device: torch.device, amp: str | bool):
     return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
 
 
-def _check_finite(loss: torch.Tensor, terms: dict, step: int) -> None:
-    bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=loss.device)
+def _grad_norm(params: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Total 2-norm of the gradients (what clip_grad_norm_ computes; the clip reuses it)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=like.device)
+    return torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)
+
+
+def _read_step(loss: torch.Tensor, grad_norm: torch.Tensor, terms: dict, with_values: bool):
+    """The step's one host read: (loss non-finite, gradients non-finite, values or None).
+
+    The two flags are summed over ranks first, so every rank decides alike (step, skip or stop) and
+    none is left waiting in a collective. `values` (this rank's loss, gradient norm and terms) ride
+    along on logging steps only.
+    """
+    flags = torch.stack([~torch.isfinite(loss.detach()), ~torch.isfinite(grad_norm)]).float()
     if dist.is_dist():
-        # every rank must stop together, or the healthy ones hang in the next all-reduce
-        torch.distributed.all_reduce(bad)
-    if bad.item() > 0:
-        bad_terms = [k for k, v in terms.items() if not torch.isfinite(v).all()]
-        raise NonFiniteLossError(
-            f"non-finite loss at step {step} (terms: {bad_terms or 'on another rank'}); the run stops here and "
-            "the last good checkpoint is kept. Lower optim.lr, raise trainer.grad_clip, or check the data "
-            "with scripts/check_data.py")
+        torch.distributed.all_reduce(flags)
+    parts = [flags]
+    if with_values:
+        parts.append(torch.stack([loss.detach().float(), grad_norm.float(),
+                                  *(v.detach().float().reshape(()) for v in terms.values())]))
+    host = torch.cat(parts).tolist()
+    values = None
+    if with_values:
+        values = {"loss": host[2], "grad_norm": host[3], "terms": dict(zip(terms, host[4:]))}
+    return host[0] > 0, host[1] > 0, values
+
+
+def _loss_error(terms: dict, step: int) -> NonFiniteLossError:
+    bad_terms = [k for k, v in terms.items() if not torch.isfinite(v).all()]
+    return NonFiniteLossError(
+        f"non-finite loss at step {step} (terms: {bad_terms or 'on another rank'}); the run stops here and "
+        "the last good checkpoint is kept. Lower optim.lr, raise trainer.grad_clip, or check the data "
+        "with scripts/check_data.py")
+
+
+def _skip_or_stop(module: nn.Module, step: int, in_a_row: int, limit: int) -> None:
+    """A batch with non-finite gradients was skipped: warn, or stop after `limit` in a row."""
+    names = [n for n, p in unwrap(module).named_parameters()
+             if p.grad is not None and not torch.isfinite(p.grad).all()]
+    shown = names[:8] + ([f"... and {len(names) - 8} more"] if len(names) > 8 else [])
+    where = f"non-finite gradients at step {step} in {shown or 'parameters of another rank'}"
+    if in_a_row >= limit:
+        raise NonFiniteGradientError(
+            f"{where}, {in_a_row} batch(es) in a row (trainer.max_nonfinite_steps={limit}); the run stops "
+            "here and the last good checkpoint is kept. Lower optim.lr or trainer.grad_clip, or check the "
+            "data with scripts/check_data.py")
+    if dist.is_main_process():
+        logger.warning("%s: batch skipped, weights unchanged (%d of trainer.max_nonfinite_steps=%d in a row)",
+                       where, in_a_row, limit)
+
+
+def _log_step(log: Callable[[str, float, int], None], values: dict, optimizer, step: int,
+              samples_per_s: float) -> None:
+    log("train/loss", values["loss"], step)
+    for k, v in values["terms"].items():
+        log(f"train/{k}", v, step)
+    log("train/lr", optimizer.param_groups[0]["lr"], step)
+    log("train/grad_norm", values["grad_norm"], step)
+    log("train/samples_per_s", samples_per_s, step)
 
 
 def train_one_epoch(
@@ -97,16 +157,27 @@ def train_one_epoch(
     log_every: int = 20,
     on_step: Callable[[TrainState], None] | None = None,
     progress=None,
+    max_nonfinite_steps: int = 3,
 ) -> TrainState:
     """Train over `loader` (already positioned at `state.batch_in_epoch`), updating `state` in place.
 
     `on_step` runs after every optimiser step (periodic checkpoints); it sees a state that is safe to
-    resume from. Stops early when `state.step` reaches `total_steps`.
+    resume from. Stops early when `state.step` reaches `total_steps`. A non-finite loss stops the run
+    (NonFiniteLossError). Non-finite gradients without a GradScaler skip the batch (no optimiser,
+    schedule or EMA update, no step counted); `max_nonfinite_steps` such batches in a row stop the run
+    (NonFiniteGradientError). The fp16 GradScaler handles them itself (skip, lower the scale). The
+    host reads the device once per step; the loss for the bar and `log` only every `log_every` steps.
     """
+    if int(max_nonfinite_steps) < 1:
+        raise ValueError(f"trainer.max_nonfinite_steps={max_nonfinite_steps} must be >= 1 (1 = stop at the "
+                         "first batch with non-finite gradients)")
     module.train()
-    criterion = unwrap(module).criterion
+    inner = unwrap(module)
+    criterion = inner.criterion
+    clamps = [m.clamp_scales_ for m in inner.modules() if callable(getattr(m, "clamp_scales_", None))]
+    params = [p for p in module.parameters() if p.requires_grad]
     cast, _ = autocast_for(device, amp)
-    t0, seen = time.perf_counter(), 0
+    t0, seen, bad_in_a_row = time.perf_counter(), 0, 0
     for batch in loader:
         if state.step >= total_steps:
             break
@@ -114,50 +185,66 @@ def train_one_epoch(
         with cast:
             _, terms = module(batch)
             loss = criterion.total(terms)
-        _check_finite(loss, terms, state.step)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
         else:
             loss.backward()
-        grad_norm = None
-        if grad_clip:
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for p in module.parameters() if p.requires_grad], grad_clip)
+        grad_norm = _grad_norm(params, loss)
+        report = (log is not None or progress is not None) and (
+            state.step == 0 or (state.step + 1) % log_every == 0)
+        bad_loss, bad_grad, values = _read_step(loss, grad_norm, terms, with_values=report)
+        if bad_loss:
+            raise _loss_error(terms, state.step)
+        state.batch_in_epoch += 1
+        seen += batch["image"].shape[0]
+        if bad_grad and scaler is None:
+            bad_in_a_row += 1
+            _skip_or_stop(module, state.step, bad_in_a_row, int(max_nonfinite_steps))
+            continue
+        bad_in_a_row = 0
+        if grad_clip and not bad_grad:
+            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, grad_norm)
         if scaler is not None:
-            scaler.step(optimizer)
+            scaler.step(optimizer)  # skips the update itself when the gradients overflowed
             scaler.update()
         else:
             optimizer.step()
+        for clamp in clamps:  # also after a skipped scaler step: every rank clamps alike
+            clamp()
         if scheduler is not None:
             scheduler.step()
         if ema is not None:
-            ema.update(unwrap(module).model)
+            ema.update(inner.model)
         state.step += 1
-        state.batch_in_epoch += 1
-        seen += batch["image"].shape[0]
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        if log is not None and (state.step % log_every == 0 or state.step == 1):
-            log("train/loss", loss.item(), state.step)
-            for k, v in terms.items():
-                log(f"train/{k}", float(v.detach()), state.step)
-            log("train/lr", optimizer.param_groups[0]["lr"], state.step)
-            if grad_norm is not None:
-                log("train/grad_norm", float(grad_norm), state.step)
-            log("train/samples_per_s", seen / max(time.perf_counter() - t0, 1e-9), state.step)
+            if values is not None:
+                progress.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+        if log is not None and values is not None:
+            _log_step(log, values, optimizer, state.step, seen / max(time.perf_counter() - t0, 1e-9))
         if on_step is not None:
             on_step(state)
     return state
 
 
+PLACEMENTS = ("auto", "gt", "estimated")
+
+
 @torch.no_grad()
-def predict(model: nn.Module, loader: Iterable, device: torch.device, *, text_branch=None) -> dict:
+def predict(model: nn.Module, loader: Iterable, device: torch.device, *, text_branch=None,
+            placement: str = "auto") -> dict:
     """Run the inference path over a loader. Returns numpy arrays (metres) in dataset order:
     pred/gt joints xyz, pred/gt verts xyz (when present), visibility, source indices, and the per-axis
-    pose/text features when a text branch (callable prompts -> {axis: feats}) is given."""
+    pose/text features when a text branch (callable prompts -> {axis: feats}) is given.
+
+    placement: how uvd becomes metres. "gt": the true root depth and bone (the demo protocol);
+    "estimated": both recovered from the predicted uvd, K and the metric scale (`item["scale"]`, or
+    |xyz[9] - xyz[10]| of the labels), as a submission without labels must; "auto": "gt" when items
+    carry labels."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement={placement!r} is not one of {PLACEMENTS} (eval.py placement=...)")
     model.eval()
     acc: dict[str, list] = {}
 
@@ -168,20 +255,27 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, *, text_br
         batch = to_device(batch, device)
         out = model(batch["image"], pose_features=text_branch is not None)
         S = batch["image"].shape[-1]
-        K, root, bone = batch["K"], batch["root_depth"], batch["bone"]
+        K = batch["K"]
+        root, bone, extra = _placement(out["joints"].float(), batch, S, placement,
+                                       getattr(model, "uv_pixel_offset", 0.5))
+        for k, v in extra.items():
+            add(k, v)
         # the model owns its uvd -> xyz step (e.g. where J acts, model.joints_from)
         to_xyz = getattr(model, "outputs_to_xyz", None)
         xyz = to_xyz({k: out[k].float() if out.get(k) is not None else None for k in ("joints", "verts")},
                      K, root, bone, img_size=S) if to_xyz is not None else None
         add("pred_xyz", xyz["joints_xyz"] if xyz else uvd_to_xyz(out["joints"].float(), K, S, root, bone))
-        add("gt_xyz", batch["joints_xyz"])
+        if "joints_xyz" in batch:
+            add("gt_xyz", batch["joints_xyz"])
         add("pred_uvd", out["joints"])
         add("K", K)
         add("root_depth", root)
         add("bone", bone)
-        if out.get("verts") is not None and "verts_xyz" in batch:
+        # vertices where they can be scored, and always without labels (the submission file wants them)
+        if out.get("verts") is not None and ("verts_xyz" in batch or "joints_xyz" not in batch):
             add("pred_verts", xyz["verts_xyz"] if xyz else uvd_to_xyz(out["verts"].float(), K, S, root, bone))
-            add("gt_verts", batch["verts_xyz"])
+            if "verts_xyz" in batch:
+                add("gt_verts", batch["verts_xyz"])
         if "visible" in batch:
             add("visible", batch["visible"])
         add("index", batch["meta"]["index"])
@@ -195,3 +289,23 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, *, text_br
     for k, v in acc.items():
         result[k] = v if k.startswith("prompt_") else np.concatenate(v, 0)
     return result
+
+
+def _placement(uvd: torch.Tensor, batch: dict, img_size: int, placement: str, pixel_offset: float = 0.5):
+    """(root_depth, bone, extra outputs) that turn this batch's uvd into metres (see `predict`)."""
+    labelled = "root_depth" in batch
+    if placement == "gt" or (placement == "auto" and labelled):
+        if not labelled:
+            raise ValueError("placement='gt' needs the true root depth and bone, and these items carry no labels "
+                             "(e.g. FreiHAND evaluation without evaluation_xyz.json); use placement=estimated")
+        return batch["root_depth"], batch["bone"], {}
+    if "scale" in batch:
+        scale = batch["scale"]
+    elif "joints_xyz" in batch:  # what FreiHAND's scale files hold, measured on the labels
+        j = batch["joints_xyz"]
+        scale = (j[..., SCALE_BONE[0], :] - j[..., SCALE_BONE[1], :]).norm(dim=-1)
+    else:
+        raise ValueError("placement='estimated' needs each item's metric scale (item['scale'], FreiHAND's "
+                         "*_scale.json) or its labels; this dataset provides neither")
+    root, bone, exact = root_and_bone_from_uvd(uvd, batch["K"], img_size, scale, pixel_offset)
+    return root, bone, {"scale": scale, "placement_exact": exact}

@@ -15,9 +15,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import metrics
-from .build import build_datasets, build_prompts, load_model
-from .engine import predict
-from .geometry import procrustes_align, uvd_to_xyz
+from .build import build_datasets, build_prompts, check_split, load_model
+from .data.base import DatasetError
+from .engine import PLACEMENTS, predict
+from .geometry import procrustes_align, root_and_bone_from_uvd, uvd_to_xyz
+from .skeleton import bone_length
 from .trainer import TextBranch, make_loader, pick_device, template_from_state
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,7 @@ def eval_batch_size(cfg: DictConfig, model) -> int:
 
 def eval_config(cfg: DictConfig, saved: DictConfig) -> DictConfig:
     """The run's config with eval-time data overrides: `data=NAME` replaces the data group,
-    `root=DIR` sets data.root."""
+    `root=DIR` sets data.root and the root of every split entry."""
     run = saved.copy()
     OmegaConf.set_struct(run, False)
     if cfg.get("data") is not None:
@@ -50,36 +52,48 @@ def eval_config(cfg: DictConfig, saved: DictConfig) -> DictConfig:
         run.data.img_size = saved.data.img_size  # the model was built for this crop size
     if cfg.get("root") is not None:
         run.data.root = cfg.root
+        # a checkpoint stores its config resolved: the split entries hold the old path, not ${data.root}
+        for node in run.data.values():
+            if OmegaConf.is_dict(node) and "root" in node:
+                node.root = cfg.root
     return run
 
 
-def training_mean_uvd(train_set, num_samples: int, batch_size: int, num_workers: int):
-    """Mean joints (and vertices) in the model's output space over the first training items, with the
-    training augmentation: what a regressor that learned nothing from the image would output."""
-    from torch.utils.data import DataLoader, Subset
-
-    n = min(num_samples, len(train_set))
-    loader = DataLoader(Subset(train_set, range(n)), batch_size=batch_size, num_workers=num_workers)
-    sums: dict[str, torch.Tensor] = {}
-    for batch in loader:
+def training_mean_uvd(train_set, num_samples: int) -> dict:
+    """Mean joints (and vertices) in the model's output space over `num_samples` training items spread
+    evenly over the set, with the training augmentation: what a regressor that learned nothing from the
+    image would output. Computed from the labels (`label_targets`): no RGB image is decoded."""
+    n = min(int(num_samples), len(train_set))
+    # evenly spaced, not the first n: FreiHAND's ids follow capture order (and versions come in blocks)
+    indices = np.unique(np.linspace(0, len(train_set) - 1, n).round().astype(int))
+    sums: dict[str, np.ndarray] = {}
+    for i in indices:
+        t = train_set.label_targets(int(i))
         for k in ("joints_uvd", "verts_uvd"):
-            if k in batch:
-                sums[k] = sums.get(k, 0) + batch[k].double().sum(0)
-    return {k: (v / n).numpy() for k, v in sums.items()}
+            if k in t:
+                sums[k] = sums.get(k, 0) + t[k]
+    return {k: v / len(indices) for k, v in sums.items()}
 
 
 def baseline_predictions(preds: dict, img_size: int, *, mean_uvd: dict | None = None, template=None,
                          joints_only: bool = False):
-    """Two constant predictors placed with each sample's crop intrinsics, true root depth and bone (the
-    protocol the model is scored under):
-    - `mean_uvd`: the training labels' mean in the model's output space (the mean-pose baseline);
-    - `template`: the data-derived mean shape in its canonical orientation (under Procrustes alignment
-      this is the mean articulation with an oracle rotation: a stronger bar than any constant in uvd)."""
+    """Two constant predictors placed as the model's predictions are (`preds`):
+    - `mean_uvd`: the training labels' mean in the model's output space (the mean-pose baseline), at the
+      true root depth and bone, or, when `preds` were placed without them (placement=estimated), at the
+      root depth and bone estimated from the mean pose itself, each sample's K and scale;
+    - `template`: the data-derived mean shape in its canonical orientation at the true root and bone
+      (under Procrustes alignment this is the mean articulation with an oracle rotation: a stronger bar
+      than any constant in uvd)."""
     K = torch.as_tensor(preds["K"], dtype=torch.float64)
-    root = torch.as_tensor(preds["root_depth"], dtype=torch.float64)
-    bone = torch.as_tensor(preds["bone"], dtype=torch.float64)
     want_verts = preds.get("gt_verts") is not None and not joints_only
     if mean_uvd is not None:
+        joints = torch.as_tensor(mean_uvd["joints_uvd"], dtype=torch.float64)[None].expand(len(K), -1, -1)
+        if "scale" in preds:
+            root, bone, _ = root_and_bone_from_uvd(joints, K, img_size, torch.as_tensor(preds["scale"]))
+        else:
+            root = torch.as_tensor(preds["root_depth"], dtype=torch.float64)
+            bone = torch.as_tensor(preds["bone"], dtype=torch.float64)
+
         def place(m):
             u = torch.as_tensor(m, dtype=torch.float64)[None].expand(len(K), -1, -1)
             return uvd_to_xyz(u, K, img_size, root, bone).numpy()
@@ -87,7 +101,7 @@ def baseline_predictions(preds: dict, img_size: int, *, mean_uvd: dict | None = 
         verts = place(mean_uvd["verts_uvd"]) if want_verts and "verts_uvd" in mean_uvd else None
         return place(mean_uvd["joints_uvd"]), verts
     gt_xyz = preds["gt_xyz"]
-    b = np.asarray(preds["bone"], dtype=np.float64)[:, None, None]
+    b = bone_length(np.asarray(gt_xyz, dtype=np.float64))[:, None, None]
     r = gt_xyz[:, :1]
     tj = np.asarray(template.joints)
     verts = r + (np.asarray(template.verts) - tj[:1])[None] * b if want_verts else None
@@ -119,25 +133,84 @@ def write_pred_json(path: Path, pred_xyz: np.ndarray, pred_verts: np.ndarray | N
 
 
 def run_eval(cfg: DictConfig) -> dict:
+    split = check_split(cfg.split)  # before any time is spent on the checkpoint
     ckpt_path = Path(cfg.ckpt).expanduser()
     device = pick_device(cfg.device, 0)
     model, saved, ckpt = load_model(ckpt_path, model_overrides(cfg), device, use_ema=bool(cfg.use_ema))
     run = eval_config(cfg, saved)
     template = template_from_state(ckpt["template"])
+    placement = str(cfg.placement)
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement={placement!r} is not one of {PLACEMENTS} (eval.py placement=...)")
 
-    text_branch = None
-    if _has_adapters(ckpt):
-        text_branch = _text_branch(run, ckpt, device)
-    prompts = build_prompts(run) if text_branch is not None else None
-    split = cfg.split
-    dataset = build_datasets(run, prompts, splits=(split,))[split]
+    text_branch = _text_branch(run, ckpt, device) if _has_adapters(ckpt) else None
+    dataset = _eval_dataset(run, split, bool(cfg.require_gt), build_prompts(run) if text_branch is not None else None)
+    labelled = getattr(dataset, "has_labels", True)
+    if not labelled:
+        text_branch = None  # retrieval scores prompts, which are made from labels
+        if placement == "gt":
+            raise DatasetError(f"placement=gt places predictions at the true root depth and bone, and the {split} "
+                               f"split has no ground truth here.\n  fix: {dataset.labels_hint()}; or use "
+                               "placement=estimated")
     loader = make_loader(dataset, batch_size=eval_batch_size(cfg, model), num_workers=int(cfg.num_workers),
                          device=device)
-    preds = predict(model, loader, device, text_branch=text_branch)
+    preds = predict(model, loader, device, text_branch=text_branch, placement=placement)
     order = np.argsort(preds["index"], kind="stable")
     preds = {k: (np.asarray(v)[order] if not k.startswith("prompt_") else [v[i] for i in order])
              for k, v in preds.items()}
-    protocol = getattr(dataset, "protocol", "freihand")
+    placed = "estimated" if "scale" in preds else "gt"
+    inexact = int((preds["placement_exact"] == 0).sum()) if "placement_exact" in preds else 0
+    if inexact:
+        log.warning("%d of %d samples: no root depth makes the predicted wrist -> middle-MCP bone one bone long "
+                    "(its predicted depth step exceeds it); the nearest depth was used", inexact, len(order))
+
+    out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else ckpt_path.parent.parent / f"eval_{ckpt_path.stem}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"checkpoint": str(ckpt_path), "protocol": getattr(dataset, "protocol", "freihand"), "split": split,
+              "num_samples": len(order), "step": ckpt.get("train_state", {}).get("step"), "placement": placed,
+              "placement_inexact": inexact}
+    if _wants_pred_json(cfg, dataset):
+        write_pred_json(out_dir / "pred.json", preds["pred_xyz"], preds.get("pred_verts"))
+    if not labelled:
+        return _predictions_only(result, dataset, out_dir, _wants_pred_json(cfg, dataset))
+    result.update(_score(cfg, run, preds, template, model, ckpt_path, out_dir, result["protocol"]))
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    where = ("the true root depth and bone (demo protocol)" if placed == "gt" else
+             "root depth and bone estimated from the predicted uvd, K and the scale |xyz[9] - xyz[10]|")
+    print(f"\n{result['protocol']} protocol, {len(order)} samples ({split} split of {type(dataset).__name__}), "
+          f"xyz placed with {where}\n")
+    print((out_dir / "table.md").read_text())
+    print(f"written to {out_dir}")
+    return result
+
+
+def _eval_dataset(run: DictConfig, split: str, require_gt: bool, prompts):
+    """The split to evaluate. Where the data config has a `require_gt` switch (FreiHAND evaluation), eval.py's
+    own `require_gt` sets it: false reads a split without released labels for predictions only."""
+    node = run.data.get(split)
+    if node is not None and "require_gt" in node:
+        node.require_gt = require_gt
+    return build_datasets(run, prompts, splits=(split,))[split]
+
+
+def _predictions_only(result: dict, dataset, out_dir: Path, wrote_pred: bool) -> dict:
+    """No labels: nothing can be scored. Say so, and where the predictions and the labels are."""
+    hint = dataset.labels_hint() if hasattr(dataset, "labels_hint") else "provide the split's labels"
+    note = (f"no ground truth for the {result['split']} split, so no metrics can be computed (they need the released "
+            f"labels: {hint}). Predictions are placed with the root depth and bone estimated from the predicted "
+            "uvd, K and each image's scale (evaluation_scale.json)")
+    result["note"] = note
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    log.warning(note)
+    what = f"pred.json ({result['num_samples']} samples, the official submission format)" if wrote_pred else \
+        "no pred.json (write_pred_json=false)"
+    print(f"written to {out_dir}: {what}, metrics.json")
+    return result
+
+
+def _score(cfg: DictConfig, run: DictConfig, preds: dict, template, model, ckpt_path: Path, out_dir: Path,
+           protocol: str) -> dict:
+    """Metrics, retrieval and the two baselines; writes per_sample.csv, pck.png and table.md."""
     res = metrics.evaluate(protocol, preds["pred_xyz"], preds["gt_xyz"], preds.get("pred_verts"),
                            preds.get("gt_verts"), preds.get("visible"))
     for a in ("x", "y", "z"):
@@ -148,8 +221,7 @@ def run_eval(cfg: DictConfig) -> dict:
                 res[f"retrieval_{a}_{bs}"] = acc
     S = int(run.data.img_size)
     train_set = build_datasets(run, None, splits=("train",))["train"]
-    mean_uvd = training_mean_uvd(train_set, int(cfg.baseline_samples), eval_batch_size(cfg, model),
-                                 int(cfg.num_workers))
+    mean_uvd = training_mean_uvd(train_set, int(cfg.baseline_samples))
     baselines, base_preds = {}, {}
     for name, kw in (("mean-pose baseline", {"mean_uvd": mean_uvd}),
                      ("mean shape, oracle rotation", {"template": template})):
@@ -157,14 +229,6 @@ def run_eval(cfg: DictConfig) -> dict:
         base_preds[name] = bx
         baselines[name] = metrics.evaluate(protocol, bx, preds["gt_xyz"], bv,
                                            preds.get("gt_verts") if bv is not None else None, preds.get("visible"))
-
-    out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else ckpt_path.parent.parent / f"eval_{ckpt_path.stem}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result = {"checkpoint": str(ckpt_path), "protocol": protocol, "split": split, "num_samples": len(order),
-              "step": ckpt.get("train_state", {}).get("step"), **res,
-              "baseline_mean_pose": baselines["mean-pose baseline"],
-              "baseline_mean_shape_oracle_rotation": baselines["mean shape, oracle rotation"]}
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     per = metrics.per_sample_errors(preds["pred_xyz"], preds["gt_xyz"], preds.get("visible"))
     with open(out_dir / "per_sample.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -172,14 +236,9 @@ def run_eval(cfg: DictConfig) -> dict:
         for i, idx in enumerate(preds["index"]):
             w.writerow([int(idx), f"{per['pa_mpjpe_mm'][i]:.3f}", f"{per['mpjpe_mm'][i]:.3f}"])
     _pck_plot(out_dir / "pck.png", protocol, preds, base_preds)
-    if _wants_pred_json(cfg, dataset):
-        write_pred_json(out_dir / "pred.json", preds["pred_xyz"], preds.get("pred_verts"))
-    table = markdown_table({f"CLIP-Hand3D ({ckpt_path.name})": res, **baselines})
-    (out_dir / "table.md").write_text(table)
-    print(f"\n{protocol} protocol, {len(order)} samples ({split} split of {type(dataset).__name__})\n")
-    print(table)
-    print(f"written to {out_dir}")
-    return result
+    (out_dir / "table.md").write_text(markdown_table({f"CLIP-Hand3D ({ckpt_path.name})": res, **baselines}))
+    return {**res, "baseline_mean_pose": baselines["mean-pose baseline"],
+            "baseline_mean_shape_oracle_rotation": baselines["mean shape, oracle rotation"]}
 
 
 def _has_adapters(ckpt: dict) -> bool:
@@ -204,18 +263,17 @@ def _text_branch(run: DictConfig, ckpt: dict, device: torch.device):
 
 def _wants_pred_json(cfg: DictConfig, dataset) -> bool:
     if cfg.write_pred_json == "auto":
-        return type(dataset).__name__ == "FreiHAND"
+        # the submission format is for the official evaluation split only, not the held-out val ids
+        return type(dataset).__name__ == "FreiHAND" and getattr(dataset, "split", None) == "eval"
     return bool(cfg.write_pred_json)
 
 
 def _pck_plot(path: Path, protocol: str, preds: dict, baselines: dict) -> None:
     from . import viz
 
-    curves = {}
-    for name, p in (("model", preds["pred_xyz"]), *baselines.items()):
-        aligned = procrustes_align(p, preds["gt_xyz"]) if protocol != "rhd" else None
-        d = (np.linalg.norm(aligned - preds["gt_xyz"], axis=-1) if aligned is not None else
-             np.linalg.norm(np.subtract(*metrics.hand3d_normalise(p, preds["gt_xyz"])), axis=-1))
-        curves[name] = metrics.pck_curve(d, preds.get("visible") if protocol == "rhd" else None)
-    title = "PCK (Procrustes-aligned)" if protocol != "rhd" else "PCK (root-relative, GT bone)"
+    # the curve whose area the protocol reports (the same one train-time validation logs)
+    visible = preds.get("visible") if protocol == "rhd" else None
+    curves = {name: metrics.protocol_pck_curve(protocol, p, preds["gt_xyz"], visible)
+              for name, p in (("model", preds["pred_xyz"]), *baselines.items())}
+    title = "PCK (Procrustes-aligned)" if protocol != "rhd" else "PCK (hand3d: root-relative, GT MCP-PIP bone)"
     viz.pck_figure(curves, title=title).savefig(path, dpi=120, bbox_inches="tight")

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import torch
 
-from .skeleton import REF_BONE, ROOT
+from .skeleton import REF_BONE, ROOT, SCALE_BONE
 
 
 # --------------------------------------------------------------------------- projection
@@ -63,8 +63,48 @@ def uvd_to_xyz(uvd, K, img_size: int, root_depth, bone, pixel_offset: float = 0.
     edges), 0 the released network's (pixel = u * 256, docs/released.md).
     """
     z = uvd[..., 2] * bone[..., None] + root_depth[..., None]
+    return _uvd_rays(uvd, K, img_size, pixel_offset) * z[..., None]
+
+
+def _uvd_rays(uvd, K, img_size: int, pixel_offset: float = 0.5):
+    """Camera rays through the uvd pixels, scaled to unit depth: a point at depth z is z * ray."""
     uv = uvd[..., :2] * img_size - pixel_offset
-    return backproject(uv, z, K)
+    ones = torch.ones_like(uv[..., 0]) if isinstance(uv, torch.Tensor) else np.ones_like(uv[..., 0])
+    return backproject(uv, ones, K)
+
+
+def root_and_bone_from_uvd(uvd, K, img_size: int, scale, pixel_offset: float = 0.5):
+    """Root depth and bone (metres) that place normalised uvd joints without ground truth.
+
+    uvd (..., 21, 3), K (..., 3, 3) crop intrinsics, scale (...) the metric length of SCALE_BONE
+    (FreiHAND's evaluation_scale.json). Returns (root_depth, bone, exact), numpy or torch as given.
+    The 2.5D root recovery of Iqbal et al. (ECCV 2018): in units of bone, joint i lies at
+    (Zn + d_i) * ray_i with Zn = root_depth / bone; requiring the reference bone (REF_BONE) to be one
+    bone long gives a quadratic in Zn, of which the larger root is taken (the other is negative
+    whenever the bone is not seen nearly end-on). The metric size then comes from `scale`:
+    bone = scale / |X_9 - X_10| of that unit-bone reconstruction, root_depth = Zn * bone.
+    exact is False where the discriminant is negative (no depth makes the reference bone one bone long,
+    e.g. when |d_0 - d_9| > 1): there Zn is the depth at which it comes closest (the parabola's vertex).
+    """
+    as_numpy = not isinstance(uvd, torch.Tensor)
+    uvd_t = torch.as_tensor(np.asarray(uvd) if as_numpy else uvd).double()
+    K_t = torch.as_tensor(np.asarray(K) if as_numpy else K).to(uvd_t)
+    scale_t = torch.as_tensor(np.asarray(scale) if as_numpy else scale).to(uvd_t)
+    rays, d = _uvd_rays(uvd_t, K_t, img_size, pixel_offset), uvd_t[..., 2]
+    i, j = REF_BONE
+    a = rays[..., i, :] - rays[..., j, :]
+    b = d[..., i, None] * rays[..., i, :] - d[..., j, None] * rays[..., j, :]
+    # |Zn a + b|^2 = 1  <=>  qa Zn^2 + 2 qb Zn + qc = 0
+    qa = (a * a).sum(-1).clamp_min(1e-12)  # 0 only if both joints share a pixel: then Zn -> infinity
+    qb, qc = (a * b).sum(-1), (b * b).sum(-1) - 1.0
+    disc = qb * qb - qa * qc
+    zn = (-qb + disc.clamp_min(0.0).sqrt()) / qa
+    unit = (zn[..., None] + d)[..., None] * rays  # the hand with a one-bone reference bone
+    bone = scale_t / (unit[..., SCALE_BONE[0], :] - unit[..., SCALE_BONE[1], :]).norm(dim=-1)
+    root, bone, exact = zn * bone, bone, disc >= 0
+    if as_numpy:
+        return root.numpy(), bone.numpy(), exact.numpy()
+    return root.to(uvd.dtype), bone.to(uvd.dtype), exact
 
 
 # --------------------------------------------------------------------------- crops and rotation
@@ -112,10 +152,15 @@ def crop_and_rotate(image: np.ndarray, K: np.ndarray, center, size: float, out_s
     K_new = A K R^T (upper triangular when fx == fy and there is no skew).
     """
     A = crop_affine(center, size, out_size, rot_rad)
-    R = rotation_z(rot_rad)
     crop = cv2.warpAffine(image, A[:2], (out_size, out_size), flags=interpolation,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=border_value)
-    return crop, A @ K @ R.T, R
+    return (crop, *crop_intrinsics(K, center, size, out_size, rot_rad))
+
+
+def crop_intrinsics(K: np.ndarray, center, size: float, out_size: int, rot_rad: float = 0.0):
+    """(K_new, R) of the crop `crop_and_rotate` makes, without an image: labels follow with xyz @ R.T."""
+    R = rotation_z(rot_rad)
+    return crop_affine(center, size, out_size, rot_rad) @ K @ R.T, R
 
 
 def mirror_lr(image: np.ndarray | None, xyz: np.ndarray, K: np.ndarray, width: int):

@@ -10,11 +10,12 @@ Semantics follow the reference scorers so figures are comparable with published 
   `geometry.procrustes_align` (reflections allowed); vertices are aligned with their own Procrustes fit;
   F-score per sample counts nearest-neighbour distances `d < t` (strict) both ways, then the mean over
   samples.
-- RHD (lmb-freiburg/hand3d eval_full.py + EvalUtil): both hands root-relative, the prediction rescaled
-  to the ground-truth reference bone; a keypoint contributes only from samples where it is visible and
-  keypoints never visible are skipped; the median EPE is the mean over keypoints of per-keypoint
-  medians; `auc_0_50` uses hand3d's 20 thresholds over 0-50 mm and `auc_20_50` 20 thresholds over
-  20-50 mm.
+- RHD (lmb-freiburg/hand3d eval_full.py + EvalUtil): both hands root-relative (joint 0), the prediction
+  rescaled so that its middle MCP -> PIP bone (hand3d's `keypoint_scale`, skeleton.RHD_EVAL_BONE) equals
+  the ground truth's; a keypoint contributes only from samples where it is visible and keypoints never
+  visible are skipped; mean and median EPE per keypoint, then the mean over keypoints; PCK counts
+  `d <= t`; `auc_0_50` over hand3d's 20 thresholds `linspace(0, 50 mm, 20)`, and `auc_20_50` is its
+  `calc_auc` over the last 12 of those thresholds (21.05 ... 50 mm) of the keypoint-mean PCK curve.
 """
 from __future__ import annotations
 
@@ -25,11 +26,11 @@ import torch
 from scipy.spatial import cKDTree
 
 from .geometry import procrustes_align
-from .skeleton import NUM_JOINTS, ROOT, bone_length
+from .skeleton import NUM_JOINTS, RHD_EVAL_BONE, ROOT
 
 FREIHAND_PCK_RANGE = (0.0, 0.05, 100)  # (lo m, hi m, steps), official FreiHAND scorer
 RHD_PCK_RANGE = (0.0, 0.05, 20)  # hand3d eval_full.get_measures(0.0, 0.050, 20)
-RHD_PCK_RANGE_20_50 = (0.02, 0.05, 20)  # the usual RHD table figure
+RHD_AUC_20_50_FROM = 8  # eval_full's "20-50 mm" AUC: thresholds[8:] of that grid, 21.05 ... 50 mm
 F_THRESHOLDS = (0.005, 0.015)  # F@5 mm, F@15 mm
 PROTOCOLS = ("freihand", "rhd", "synthetic")
 
@@ -102,11 +103,14 @@ def root_relative(xyz: np.ndarray, root_xyz: np.ndarray | None = None) -> np.nda
 
 
 def hand3d_normalise(pred_xyz, gt_xyz) -> tuple[np.ndarray, np.ndarray]:
-    """hand3d RHD protocol: (pred root-relative and rescaled to the gt bone |xyz[0]-xyz[9]|, gt root-relative)."""
+    """hand3d RHD protocol: (pred root-relative and rescaled so that its RHD_EVAL_BONE (middle MCP -> PIP)
+    has the gt's length, gt root-relative)."""
     p, g = _pair(pred_xyz, gt_xyz, "pred_xyz", "gt_xyz", NUM_JOINTS)
     p_rr, g_rr = root_relative(p), root_relative(g)
+    a, b = RHD_EVAL_BONE
+    bone_p, bone_g = (np.linalg.norm(x[:, a] - x[:, b], axis=-1) for x in (p, g))
     # a collapsed prediction (bone 0) stays collapsed rather than turning into NaN
-    scale = bone_length(g) / np.maximum(bone_length(p), 1e-8)
+    scale = bone_g / np.maximum(bone_p, 1e-8)
     return p_rr * scale[:, None, None], g_rr
 
 
@@ -266,17 +270,37 @@ def rhd_metrics(pred_xyz, gt_xyz, visible=None) -> dict[str, float]:
     v = _visibility(visible, p.shape[:2])
     p_s, g_rr = hand3d_normalise(p, g)
     d = np.linalg.norm(p_s - g_rr, axis=-1)
-    lo, hi, steps = RHD_PCK_RANGE
-    lo2, hi2, steps2 = RHD_PCK_RANGE_20_50
+    t = _thresholds(*RHD_PCK_RANGE)
+    per_kp = pck_per_keypoint(d, t, v)
+    # get_measures: per-keypoint AUC, then the mean; the 20-50 figure is calc_auc on the tail of the
+    # keypoint-mean curve, normalised by the tail's own range
+    curve, k = per_kp.mean(0), RHD_AUC_20_50_FROM
     out = {
         "epe_mean_mm": mean_error(d, v) * 1000.0,
         "epe_median_mm": median_error(d, v) * 1000.0,
-        "auc_20_50": auc(d, v, lo=lo2, hi=hi2, steps=steps2),
-        "auc_0_50": auc(d, v, lo=lo, hi=hi, steps=steps),
+        "auc_20_50": float(_trapezoid(curve[k:], t[k:]) / (t[-1] - t[k])),
+        "auc_0_50": float((_trapezoid(per_kp, t) / (t[-1] - t[0])).mean()),
     }
     d_pa, d_rr = _joint_distances(p, g)
     out.update(pa_mpjpe_mm=mean_error(d_pa, v) * 1000.0, mpjpe_mm=mean_error(d_rr, v) * 1000.0)
     return out
+
+
+def protocol_pck_curve(protocol: str, pred_xyz, gt_xyz, visible=None) -> tuple[np.ndarray, np.ndarray]:
+    """(thresholds in mm, keypoint-mean PCK) of the curve whose area the protocol reports: Procrustes-aligned
+    joints on FreiHAND's 100 thresholds (`auc_pa_0_50`) for 'freihand' / 'synthetic'; for 'rhd' the
+    hand3d-normalised joints, visible ones only, on its 20 thresholds (`auc_0_50`)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol_pck_curve: unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
+    p, g = _pair(pred_xyz, gt_xyz, "pred_xyz", "gt_xyz", NUM_JOINTS)
+    if protocol == "rhd":
+        p_s, g_rr = hand3d_normalise(p, g)
+        lo, hi, steps = RHD_PCK_RANGE
+        return pck_curve(np.linalg.norm(p_s - g_rr, axis=-1), visible, lo=lo, hi=hi, steps=steps)
+    if visible is not None:
+        raise ValueError(f"protocol_pck_curve: visible is only used by the 'rhd' protocol, not {protocol!r}")
+    lo, hi, steps = FREIHAND_PCK_RANGE
+    return pck_curve(np.linalg.norm(procrustes_align(p, g) - g, axis=-1), lo=lo, hi=hi, steps=steps)
 
 
 def evaluate(protocol: str, pred_xyz, gt_xyz, pred_verts=None, gt_verts=None, visible=None) -> dict[str, float]:

@@ -45,7 +45,8 @@ class RunLogger:
             self.writer.add_scalar(tag, float(value), step)
 
     def validation_figures(self, dataset, preds: dict, step: int) -> None:
-        """Predicted (and true) skeletons on the first validation crops, and the PCK curve."""
+        """Predicted skeletons on the first validation crops (over the true one, and alone) and the
+        protocol's PCK curve."""
         if self.writer is None:
             return
         from . import metrics, viz
@@ -63,10 +64,12 @@ class RunLogger:
             tiles.append(viz.draw_pred_vs_gt(img, pred_uv, gt_uv))
         if tiles:
             self.writer.add_images("val/skeletons", np.stack(tiles), step, dataformats="NHWC")
-        dists = metrics.keypoint_distances(preds["pred_xyz"] - preds["pred_xyz"][:, :1],
-                                           preds["gt_xyz"] - preds["gt_xyz"][:, :1])
-        thresholds, curve = metrics.pck_curve(dists)
-        self.writer.add_figure("val/pck_root_relative", viz.pck_figure({"model": (thresholds, curve)}), step)
+        # the curve whose area is logged as val/auc_pa_0_50 (FreiHAND) or val/auc_0_50 (RHD)
+        protocol = getattr(dataset, "protocol", "freihand")
+        visible = preds.get("visible") if protocol == "rhd" else None
+        curve = metrics.protocol_pck_curve(protocol, preds["pred_xyz"], preds["gt_xyz"], visible)
+        title = "val PCK, hand3d (root, bone, visible)" if protocol == "rhd" else "val PCK, Procrustes-aligned"
+        self.writer.add_figure("val/pck", viz.pck_figure({"model": curve}, title=title), step)
 
     def close(self) -> None:
         if self.writer is not None:

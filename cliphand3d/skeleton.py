@@ -11,6 +11,8 @@ NUM_JOINTS = 21
 ROOT = 0
 # Bone used to normalise depth (DESIGN 1.10): wrist -> middle MCP.
 REF_BONE = (0, 9)
+# FreiHAND's metric scale (training/evaluation_scale.json, DESIGN 2): |xyz[9] - xyz[10]|, middle MCP -> PIP.
+SCALE_BONE = (9, 10)
 
 FINGERS = ("thumb", "index", "middle", "ring", "little")
 JOINT_KINDS = ("MCP", "PIP", "DIP", "fingertip")
@@ -36,6 +38,11 @@ BONES: tuple[tuple[int, int], ...] = tuple((p, c) for c, p in enumerate(PARENTS)
 # the permutation is its own inverse.
 RHD_TO_MPII: tuple[int, ...] = (0,) + tuple(1 + 4 * i + (3 - k) for i in range(5) for k in range(4))
 MPII_TO_RHD: tuple[int, ...] = RHD_TO_MPII
+
+# hand3d's RHD evaluation bone (its `keypoint_scale`, data/BinaryDbReader.py: RHD keypoints 12 -> 11),
+# middle MCP -> PIP in MPII order (DESIGN 3). Only the RHD protocol rescales with it; the model-space
+# normalisation keeps REF_BONE.
+RHD_EVAL_BONE: tuple[int, int] = (MPII_TO_RHD[12], MPII_TO_RHD[11])
 
 RHD_NUM_KEYPOINTS = 42  # 0-20 left hand, 21-41 right hand
 

@@ -27,6 +27,7 @@ from .ema import ModelEMA
 from .engine import NonFiniteLossError, TrainState, autocast_for, predict, train_one_epoch, unwrap
 from .models.template import MeshTemplate
 from .models.training import TrainingModule
+from .preflight import check_config
 from .run_logger import RunLogger
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ def rank_weight_checksums(module: torch.nn.Module) -> list[float]:
 # --------------------------------------------------------------------------- the run
 def train(cfg: DictConfig) -> dict:
     """Train as configured; returns the last validation metrics (and writes them to the run dir)."""
+    check_config(cfg)  # before any data, model or process group is built
     rank, world, local_rank = dist.init_distributed(cfg.trainer.get("dist_backend"))
     try:
         return _train(cfg, rank, world, local_rank)
@@ -177,7 +179,7 @@ def _train(cfg: DictConfig, rank: int, world: int, local_rank: int) -> dict:
         cfg = adopt_init_config(cfg, checkpoint_config(init, str(cfg.init_from)), _cli_overrides())
 
     prompts = build_prompts(cfg)
-    sets = build_datasets(cfg, prompts)
+    sets = build_datasets(cfg, prompts, splits=("train", "val"))  # never test: it must not choose best.pt
     train_set, val_set = sets["train"], sets["val"]
     saved = load_checkpoint(resume_path) if resume_path is not None else None
     if saved is not None:
@@ -316,7 +318,7 @@ def _train(cfg: DictConfig, rank: int, world: int, local_rank: int) -> dict:
             train_one_epoch(module, loader, optimizer, scheduler, state, device=device, total_steps=total_steps,
                             amp=tcfg.amp, scaler=scaler, grad_clip=tcfg.grad_clip, ema=ema,
                             log=logger.scalar, log_every=int(cfg.logger.log_every), on_step=on_step,
-                            progress=progress)
+                            progress=progress, max_nonfinite_steps=int(tcfg.max_nonfinite_steps))
             epoch_done = state.batch_in_epoch >= steps_per_epoch
             if epoch_done and (state.epoch + 1) % int(tcfg.val_every_epochs) == 0 and state.step < total_steps:
                 last_metrics = run_validation()

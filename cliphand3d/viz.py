@@ -112,7 +112,7 @@ def draw_pred_vs_gt(image: np.ndarray, pred_uv: np.ndarray, gt_uv: np.ndarray) -
     thin = max(1, size // 256)
     for parent, child in BONES:
         cv2.line(base, _fixed(gt[parent]), _fixed(gt[child]), WRIST_COLOR, thin, cv2.LINE_AA, _SUBPIXEL_BITS)
-    return np.concatenate([draw_skeleton(base, pred_uv), draw_skeleton(image, gt_uv)], axis=1)
+    return np.concatenate([draw_skeleton(base, pred_uv), draw_skeleton(image, pred_uv)], axis=1)
 
 
 def pck_figure(curves: dict, title: str = "PCK"):

@@ -12,17 +12,18 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from cliphand3d.build import DATA_SPLITS
 from cliphand3d.data import doctor
 
 
 @hydra.main(config_path="../configs", config_name="check_data", version_base=None)
 def main(cfg: DictConfig) -> None:
     data = cfg.data
-    builders = {split: functools.partial(instantiate, data[split]) for split in ("train", "val") if split in data}
+    builders = {split: functools.partial(instantiate, data[split]) for split in DATA_SPLITS if split in data}
     check_kwargs = {}
     if data.format == "freihand":
         check_kwargs = {"versions": list(data.versions),
-                        "eval_gt": bool(OmegaConf.select(data, "val.require_gt", default=True))}
+                        "eval_gt": bool(OmegaConf.select(data, "test.require_gt", default=True))}
     out = cfg.out if cfg.out is not None else f"outputs/check_data/{data.name}.png"
     problems = doctor.run(data_format=data.format, root=data.get("root"), builders=builders, out=out,
                           num_samples=cfg.num_samples, image_check=cfg.image_check, grid_split=cfg.grid_split,

@@ -76,7 +76,7 @@ def test_wrong_entry_shape_and_bad_json(frei_copy):
 def test_truncated_jpeg(frei_copy):
     path = frei_copy / "training" / "rgb" / "00000001.jpg"
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
-    ds = FreiHAND(frei_copy)
+    ds = FreiHAND(frei_copy, val_fraction=0.0)  # every training hand
     ds[0]  # the other images still load
     msg = error_of(lambda: ds[1])
     assert str(path) in msg and "truncated" in msg and "fix:" in msg
@@ -85,9 +85,9 @@ def test_truncated_jpeg(frei_copy):
 def test_empty_mask(frei_copy):
     path = frei_copy / "training" / "mask" / "00000000.jpg"
     cv2.imwrite(str(path), np.zeros((224, 224), np.uint8))
-    msg = error_of(lambda: FreiHAND(frei_copy)[0])
+    msg = error_of(lambda: FreiHAND(frei_copy, val_fraction=0.0)[0])
     assert str(path) in msg and "crop='joints'" in msg
-    assert FreiHAND(frei_copy, crop="joints")[0]["image"].shape[1] == 256
+    assert FreiHAND(frei_copy, crop="joints", val_fraction=0.0)[0]["image"].shape[1] == 256
 
 
 class Payload:
@@ -118,7 +118,10 @@ def test_pickle_with_wrong_content(rhd_root, tmp_path):
 
 def test_bad_arguments(frei, rhd_root):
     assert "versions" in error_of(lambda: FreiHAND(frei, versions=(0, 4)))
-    assert "split" in error_of(lambda: FreiHAND(frei, split="val"))
+    msg = error_of(lambda: FreiHAND(frei, split="validation"))
+    assert "split 'validation'" in msg and all(f"'{s}'" in msg for s in ("train", "val", "eval", "training"))
+    assert "val_fraction" in error_of(lambda: FreiHAND(frei, split="val", val_fraction=0.0))
+    assert "val_fraction" in error_of(lambda: FreiHAND(frei, split="val", val_fraction=1.0))
     assert "crop" in error_of(lambda: FreiHAND(frei, split="eval", crop="mask"))
     assert "split" in error_of(lambda: RHD(rhd_root, split="test"))
 

@@ -138,19 +138,23 @@ def test_check_data_script(rhd_root, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["freihand", "rhd", "synthetic"])
-def test_data_configs_build_both_splits(name, frei, rhd_root):
+def test_data_configs_build_train_val_and_test(name, frei, rhd_root):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
     overrides = [f"data={name}", "data.img_size=64"]
     overrides += {"freihand": [f"data.root={frei}"], "rhd": [f"data.root={rhd_root}"],
-                  "synthetic": ["data.num_train=3", "data.num_val=2"]}[name]
+                  "synthetic": ["data.num_train=3", "data.num_val=2", "data.num_test=2"]}[name]
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
         cfg = compose("check_data", overrides=overrides)
-    train, val = instantiate(cfg.data.train), instantiate(cfg.data.val)
-    assert train.img_size == val.img_size == 64 and train.augment.train
-    assert val.augment is None or not val.augment.train
+    train, val, test = (instantiate(cfg.data[s]) for s in ("train", "val", "test"))
+    assert train.img_size == val.img_size == test.img_size == 64 and train.augment.train
+    for held in (val, test):
+        assert held.augment is None or not held.augment.train
+        assert held.protocol == train.protocol
     assert train.prompts is not None and set(train[0]["prompts"]) == {"x", "y", "z"}
     assert instantiate(cfg.data.train, prompts=None)[0]["prompts"] == {}  # a builder may pass its own
-    assert len(train) == {"freihand": 12, "rhd": 3, "synthetic": 3}[name]
-    assert len(val) == 2 and val.protocol == train.protocol
+    # FreiHAND: 3 hands x 4 versions, 1 hand held out with its 4 versions; RHD: 3 samples, 1 held out
+    assert len(train) == {"freihand": 8, "rhd": 2, "synthetic": 3}[name]
+    assert len(val) == {"freihand": 4, "rhd": 1, "synthetic": 2}[name]
+    assert len(test) == 2

@@ -115,6 +115,22 @@ def test_save_replaces_and_refuses_unsafe_values(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
+@pytest.mark.parametrize("entry", ["model", "train_heads", "ema"])
+def test_save_refuses_non_finite_weights_and_keeps_the_last_good_file(tmp_path, entry):
+    target = tmp_path / "last.pt"
+    good = {"model": {"w": torch.ones(3), "n": torch.tensor(2)}, "train_heads": {"s": torch.tensor(2.6)},
+            "ema": {"updates": 1, "module": {"w": torch.ones(3)}}, "optimizer": {}, "step": 1}
+    save_checkpoint(target, good)
+    bad = {"model": {"w": torch.tensor([1.0, float("nan"), 1.0]), "n": torch.tensor(2)},
+           "train_heads": {"s": torch.tensor(float("inf"))},
+           "ema": {"updates": 2, "module": {"w": torch.tensor([float("-inf"), 1.0, 1.0])}}}[entry]
+    where = {"model": r"model\.w", "train_heads": r"train_heads\.s", "ema": r"ema\.module\.w"}[entry]
+    with pytest.raises(CheckpointError, match=rf"refusing to write .*last\.pt.*non-finite.*{where}"):
+        save_checkpoint(target, {**good, entry: bad, "step": 2})
+    assert load_checkpoint(target)["step"] == 1  # the last good checkpoint stays
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
 # ----------------------------------------------------------------------------- round trip, resume
 
 def test_realistic_state_round_trips_with_weights_only(tmp_path):

@@ -112,16 +112,20 @@ def test_retrieval_accuracy_counts_positives():
     assert out["acc_x"].item() == pytest.approx(0.75)
 
 
-def test_scale_is_clamped_and_reported():
+def test_scale_is_reported_unclamped_and_the_parameter_clamped_after_a_step():
     feats = same_on_axes(orthonormal(4, 8))
-    high = PerAxisContrastiveLoss(init_logit_scale=math.log(1000.0))(feats, feats)
-    low = PerAxisContrastiveLoss(init_logit_scale=math.log(0.1))(feats, feats)
-    mid = PerAxisContrastiveLoss(init_logit_scale=math.log(20.0), max_scale=50.0)(feats, feats)
-    for a in AXES:
-        assert high[f"scale_{a}"].item() == pytest.approx(100.0)
-        assert low[f"scale_{a}"].item() == pytest.approx(1.0)
-        assert mid[f"scale_{a}"].item() == pytest.approx(20.0)
-        assert not high[f"scale_{a}"].requires_grad
+    loss = PerAxisContrastiveLoss(init_logit_scale=math.log(20.0), max_scale=50.0)
+    with torch.no_grad():  # where an optimiser step may leave them
+        loss.logit_scale["x"].fill_(math.log(1000.0))
+        loss.logit_scale["y"].fill_(math.log(0.1))
+    out = loss(feats, feats)
+    # forward: exp(logit_scale) as is, so the gradient is never cut off
+    assert [out[f"scale_{a}"].item() for a in AXES] == pytest.approx([1000.0, 0.1, 20.0])
+    assert not out["scale_x"].requires_grad
+    loss.clamp_scales_()  # after the step: back into [log 1, log 50]; the one in bounds is untouched
+    assert [loss.logit_scale[a].item() for a in AXES] == pytest.approx([math.log(50.0), 0.0, math.log(20.0)])
+    with pytest.raises(ValueError, match="init_logit_scale=5.0 is outside"):
+        PerAxisContrastiveLoss(init_logit_scale=5.0)  # > log 100
 
 
 def test_gradients_reach_features_and_scales():

@@ -150,3 +150,73 @@ def test_rigid_rotations_recover_a_proper_rotation_and_never_reflect():
     mirrored = ref * np.array([-1.0, 1.0, 1.0])  # no rotation maps a mirror image onto the original
     R = G.rigid_rotations(mirrored[None], ref)[0]
     assert np.isclose(np.linalg.det(R), 1.0) and not np.allclose(mirrored @ R.T, ref, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- root depth and bone without labels
+def test_root_and_bone_from_uvd_known_answer_worked_by_hand():
+    # wrist on the optical axis at 0.5 m, middle MCP 0.1 m to its right at the same depth, middle PIP at
+    # (0.1, 0.04, 0.47): bone 0.1 m, scale |xyz9 - xyz10| = sqrt(0.04^2 + 0.03^2) = 0.05 m.
+    # In bone units the rays are r0 = (0, 0, 1), r9 = (0.2, 0, 1) and d0 = d9 = 0, so |Zn (r0 - r9)| = 1
+    # gives Zn = 1 / 0.2 = 5; X9 = (1, 0, 5), X10 = (5 - 0.3) r10 = (1, 0.4, 4.7), |X9 - X10| = 0.5,
+    # so bone = 0.05 / 0.5 = 0.1 and root depth = 5 * 0.1 = 0.5.
+    K = np.array([[500.0, 0.0, 63.5], [0.0, 500.0, 63.5], [0.0, 0.0, 1.0]])
+    xyz = random_hand(np.random.default_rng(5))
+    xyz[0], xyz[9], xyz[10] = [0.0, 0.0, 0.5], [0.1, 0.0, 0.5], [0.1, 0.04, 0.47]
+    uvd, _, _ = G.xyz_to_uvd(xyz, K, 128)
+    root, bone, exact = G.root_and_bone_from_uvd(uvd, K, 128, np.float64(0.05))
+    assert root == pytest.approx(0.5, abs=1e-12) and bone == pytest.approx(0.1, abs=1e-12) and exact
+
+
+@pytest.mark.parametrize("view", ["uniform", "upright"])
+def test_root_and_bone_from_uvd_recovers_the_truth_under_any_crop(view):
+    from cliphand3d.data.synthetic import sample_hand
+
+    rng = np.random.default_rng(11)
+    xyz_all, K_all = [], []
+    for i in range(64):
+        h = sample_hand(3, i, view=view)
+        # a random crop box and in-plane rotation, as the training and evaluation crops make them
+        A = G.crop_affine((112 + rng.normal(0, 15), 112 + rng.normal(0, 15)), rng.uniform(80, 220), 96,
+                          rng.uniform(-1.5, 1.5))
+        R = G.rotation_z(rng.uniform(-1.5, 1.5))
+        xyz_all.append(h.xyz @ R.T)
+        K_all.append(A @ h.K @ R.T)
+    xyz, K = np.stack(xyz_all), np.stack(K_all)
+    uvd, root, bone = G.xyz_to_uvd(xyz, K, 96)
+    scale = np.linalg.norm(xyz[:, 9] - xyz[:, 10], axis=-1)
+    r, b, exact = G.root_and_bone_from_uvd(uvd, K, 96, scale)
+    assert exact.all()
+    np.testing.assert_allclose(r, root, rtol=1e-9)
+    np.testing.assert_allclose(b, bone, rtol=1e-9)
+    np.testing.assert_allclose(G.uvd_to_xyz(uvd, K, 96, r, b), xyz, atol=1e-10)
+    # float32 tensors in, float32 out (what predict passes): the same answer to float32 precision
+    rt, bt, _ = G.root_and_bone_from_uvd(torch.tensor(uvd, dtype=torch.float32), torch.tensor(K, dtype=torch.float32),
+                                         96, torch.tensor(scale, dtype=torch.float32))
+    assert rt.dtype == torch.float32
+    np.testing.assert_allclose(rt.numpy(), root, rtol=1e-5)
+    np.testing.assert_allclose(bt.numpy(), bone, rtol=1e-5)
+
+
+def test_root_and_bone_from_uvd_keeps_its_constraints_for_any_prediction():
+    """For a wrong uvd there is no truth to recover, but the placement must still do what it says: the
+    reference bone is one bone long and the scale bone is `scale` metres; where no depth makes the
+    reference bone one bone long (negative discriminant) it is as short as any depth can make it."""
+    rng = np.random.default_rng(2)
+    xyz = np.stack([random_hand(rng) for _ in range(200)])
+    uvd, _, _ = G.xyz_to_uvd(xyz, K0, 224)
+    uvd = uvd + rng.normal(0, [0.03, 0.03, 0.3], size=uvd.shape)
+    uvd[:5, 9, 2] = uvd[:5, 0, 2] + 1.5  # the predicted depth step alone is longer than the bone
+    scale = rng.uniform(0.02, 0.04, size=len(uvd))
+    root, bone, exact = G.root_and_bone_from_uvd(uvd, K0, 224, scale)
+    placed = G.uvd_to_xyz(uvd, K0, 224, root, bone)
+    ref = np.linalg.norm(placed[:, 0] - placed[:, 9], axis=-1)
+    assert not exact[:5].any() and exact.sum() > 150
+    np.testing.assert_allclose(ref[exact], bone[exact], rtol=1e-9)
+    np.testing.assert_allclose(np.linalg.norm(placed[:, 9] - placed[:, 10], axis=-1), scale, rtol=1e-9)
+    # brute force over root depths (bone units): none gives a shorter reference bone than the one chosen
+    off = ~exact
+    zn = np.linspace(0.1, 40, 40001)[:, None, None]
+    rays = G.backproject(uvd[off, :, :2] * 224 - 0.5, np.ones(uvd[off].shape[:2]), K0)
+    d = uvd[off, :, 2, None]
+    scan = np.linalg.norm((zn + d[:, 0]) * rays[:, 0] - (zn + d[:, 9]) * rays[:, 9], axis=-1).min(0)
+    assert np.all(ref[off] / bone[off] <= scan + 1e-12) and np.all(ref[off] / bone[off] > 1.0)

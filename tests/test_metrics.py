@@ -169,24 +169,111 @@ def test_freihand_vertex_metrics():
 
 
 # --------------------------------------------------------------------------- RHD
-def test_rhd_rescales_prediction_to_gt_bone():
-    gt = random_hands(4, seed=8)
-    pred = 2.0 * (gt - gt[:, :1]) + np.array([0.1, 0.2, 0.3])
+# hand3d's grid (eval_full.get_measures(0, 0.05, 20)): t_i = i * h, h = 50/19 mm, i = 0..19. A keypoint
+# whose error is e in every sample has PCK 0 below i* = ceil(e * 19 / 50) and 1 from i* on, so its
+# trapezoid area is h/2 + (19 - i*) h over a range of 19 h: (19.5 - i*) / 19 (and 1 when e = 0).
+# "AUC 20-50" is calc_auc over t[8:] = 21.05 ... 50 mm (12 points, 11 intervals), normalised by 11 h.
+def shift_joints(hands: np.ndarray, sample: int, joints, error_m: float) -> None:
+    """Move joints of one sample by error_m metres along (0.6, 0, 0.8), a unit vector: error exactly error_m."""
+    hands[sample, joints] += error_m * np.array([0.6, 0.0, 0.8])
+
+
+def test_rhd_reference_bone_is_hand3d_keypoint_scale():
+    from cliphand3d import skeleton as S
+
+    a, b = S.RHD_EVAL_BONE
+    # hand3d's keypoint_scale is |kp12 - kp11| in RHD's per-hand order (tip -> base per finger)
+    rhd_ids = S.rhd_to_mpii(np.arange(21)[:, None])[:, 0]  # RHD keypoint id at each MPII position
+    assert (rhd_ids[a], rhd_ids[b]) == (12, 11)
+    assert (S.JOINT_NAMES[a], S.JOINT_NAMES[b]) == ("middle MCP", "middle PIP")
+    assert S.REF_BONE == (0, 9)  # the model-space (uvd) bone stays wrist -> middle MCP (DESIGN 1.10)
+    gt = random_hands(3, seed=11)
+    pred = gt.copy()
+    pred[:, 10] = gt[:, 9] + 2.0 * (gt[:, 10] - gt[:, 9])  # prediction's MCP -> PIP bone twice too long
+    p_s, g_rr = M.hand3d_normalise(pred, gt)
+    np.testing.assert_allclose(np.linalg.norm(p_s[:, 10] - p_s[:, 9], axis=-1),
+                               np.linalg.norm(gt[:, 10] - gt[:, 9], axis=-1), rtol=1e-12)
+    np.testing.assert_allclose(p_s, 0.5 * (pred - pred[:, :1]), rtol=1e-12)  # rescaled by exactly 1/2
+    np.testing.assert_allclose(g_rr, gt - gt[:, :1], rtol=1e-12)
+
+
+def test_rhd_rescaling_undoes_a_wrong_size_with_the_hand3d_bone():
+    gt = random_hands(2, seed=8)
+    # sample 0 is 0.8x, sample 1 1.25x the true size about the root, and moved away from it
+    scale = np.array([0.8, 1.25])[:, None, None]
+    pred = scale * (gt - gt[:, :1]) + np.array([0.1, 0.2, 0.3])
+    assert M.rhd_metrics(pred, gt)["epe_mean_mm"] == pytest.approx(0.0, abs=1e-9)
+    # Now move the whole middle finger (joints 9-12) rigidly by d: the MCP -> PIP bone keeps its 0.8x /
+    # 1.25x length, the wrist -> MCP bone does not. hand3d's rescale (1/0.8, 1/1.25) is still exact on
+    # every other joint and leaves the finger d / scale = 10.5 mm off: d = 8.4 mm at 0.8x, 13.125 at 1.25x.
+    shift_joints(pred, 0, [9, 10, 11, 12], 0.0084)
+    shift_joints(pred, 1, [9, 10, 11, 12], 0.013125)
     out = M.rhd_metrics(pred, gt)
+    # 4 keypoints at 10.5 mm in both samples, 17 at 0: (4 * 10.5) / 21 = 2 mm, mean and median alike
+    assert out["epe_mean_mm"] == pytest.approx(2.0)
+    assert out["epe_median_mm"] == pytest.approx(2.0)
+    # with the finger hidden every visible keypoint is exact (a wrist -> middle-MCP rescale is not)
+    vis = np.ones((2, 21), dtype=bool)
+    vis[:, 9:13] = False
+    out = M.rhd_metrics(pred, gt, visible=vis)
     assert out["epe_mean_mm"] == pytest.approx(0.0, abs=1e-9)
+    assert out["epe_median_mm"] == pytest.approx(0.0, abs=1e-9)
     assert out["auc_20_50"] == 1.0
-    lo, hi = auc_of_exact_fit(20)  # hand3d's 20 thresholds over 0-50 mm
+    lo, hi = auc_of_exact_fit(20)
     assert lo <= out["auc_0_50"] <= hi
-    assert out["pa_mpjpe_mm"] < PA_TOL_MM
-    # mpjpe_mm is root-relative but not rescaled: the error is |gt - gt_root| itself
-    expected = np.linalg.norm(gt - gt[:, :1], axis=-1).mean() * 1000
-    assert out["mpjpe_mm"] == pytest.approx(expected)
+    # mpjpe_mm is root-relative but not rescaled: the error is (scale - 1) |gt - gt_root| itself
+    err = np.abs(scale[:, 0] - 1) * np.linalg.norm(gt - gt[:, :1], axis=-1)  # (2, 21)
+    assert out["mpjpe_mm"] == pytest.approx(err[:, vis[0]].mean(0).mean() * 1000)
+
+
+def test_rhd_errors_spread_over_the_thresholds():
+    gt = random_hands(1, seed=12)
+    pred = gt.copy()  # joints 0, 9, 10 untouched: root and bone identical, the rescale is exactly 1
+    # uneven steps: with errors 10 mm apart the rounding of each grid cancels out and a 20-point
+    # grid over 20-50 mm would give the same 20-50 figure as hand3d's t[8:]
+    errors_mm = {2: 5, 4: 15, 8: 24, 12: 33, 16: 42, 20: 55}
+    for j, e in errors_mm.items():
+        shift_joints(pred, 0, [j], e / 1000)
+    out = M.rhd_metrics(pred, gt)
+    # one sample: mean = median = the error per keypoint, averaged over 21 keypoints
+    assert out["epe_mean_mm"] == pytest.approx(174 / 21)
+    assert out["epe_median_mm"] == pytest.approx(174 / 21)
+    # i* = ceil(e * 19 / 50): 5 -> 2, 15 -> 6, 24 -> 10, 33 -> 13, 42 -> 16, 55 -> never (PCK 0).
+    # Areas (19.5 - i*) / 19: 17.5, 13.5, 9.5, 6.5, 3.5 and 0, sum 50.5 / 19; the 15 exact keypoints
+    # (d = 0 <= t_0) give 1 each: (15 + 50.5 / 19) / 21
+    assert out["auc_0_50"] == pytest.approx((15 + 50.5 / 19) / 21)
+    # on t[8:] (11 intervals): 5 and 15 mm (i* <= 8) give 1; 24 mm: 0 on [t8, t9], half of [t9, t10],
+    # then 9 full intervals -> 9.5 / 11; 33: 0.5 + 6 -> 6.5 / 11; 42: 0.5 + 3 -> 3.5 / 11; 55: 0.
+    # (15 + 2 + 19.5 / 11) / 21
+    assert out["auc_20_50"] == pytest.approx((17 + 19.5 / 11) / 21)
+
+
+def test_rhd_visibility_per_keypoint_then_mean_over_keypoints():
+    gt = random_hands(3, seed=13)
+    pred = gt.copy()
+    for n, e in enumerate((12, 18, 60)):  # thumb tip, visible everywhere: mean 30 mm, median 18 mm
+        shift_joints(pred, n, [4], e / 1000)
+    for n, e in enumerate((40, 40, 5)):  # index tip, hidden in sample 2: mean = median = 40 mm
+        shift_joints(pred, n, [8], e / 1000)
+    shift_joints(pred, slice(None), [20], 0.1)  # little tip, never visible: not a keypoint of the mean
+    vis = np.ones((3, 21), dtype=bool)
+    vis[2, 8] = False
+    vis[:, 20] = False
+    out = M.rhd_metrics(pred, gt, visible=vis)
+    # per keypoint, then the mean over the 20 keypoints seen (a pooled mean would be 170 / 59 mm)
+    assert out["epe_mean_mm"] == pytest.approx((30 + 40) / 20)
+    assert out["epe_median_mm"] == pytest.approx((18 + 40) / 20)
+    # 0-50 mm, i* = ceil(e * 19 / 50): thumb tip 12 -> 5, 18 -> 7, 60 -> never: (14.5 + 12.5 + 0) / 3 / 19
+    # = 9 / 19; index tip 40 -> 16 in both visible samples: 3.5 / 19; 18 exact keypoints: 1
+    assert out["auc_0_50"] == pytest.approx((18 + 9 / 19 + 3.5 / 19) / 20)
+    # t[8:]: 12 and 18 mm lie below t8 (PCK 1), 60 never: thumb tip 2/3; index tip 0.5 + 3 -> 3.5 / 11
+    assert out["auc_20_50"] == pytest.approx((18 + 2 / 3 + 3.5 / 11) / 20)
 
 
 def test_rhd_visibility_known_answer():
     gt = random_hands(2, seed=9)
     pred = gt.copy()
-    pred[0, 8, 0] += 0.015  # index tip: joints 0 and 9 untouched, so the rescale is exactly 1
+    pred[0, 8, 0] += 0.015  # index tip: joints 0, 9, 10 untouched, so the rescale is exactly 1
     pred[1, 8, 0] += 0.04
     out = M.rhd_metrics(pred, gt)
     assert out["epe_mean_mm"] == pytest.approx(27.5 / 21)
@@ -225,6 +312,17 @@ def test_evaluate_dispatch_and_errors():
         M.evaluate("rhd", bad, gt)
 
 
+def test_protocol_pck_curve_errors():
+    gt = random_hands(2, seed=14)
+    with pytest.raises(ValueError, match="unknown protocol 'stb'"):
+        M.protocol_pck_curve("stb", gt, gt)
+    with pytest.raises(ValueError, match="only used by the 'rhd'"):
+        M.protocol_pck_curve("freihand", gt, gt, np.ones((2, 21), bool))
+    t, curve = M.protocol_pck_curve("rhd", gt, gt)  # hand3d's grid in mm, an exact fit
+    np.testing.assert_allclose(t, np.arange(20) * 50 / 19)
+    assert (curve[1:] == 1.0).all()
+
+
 # --------------------------------------------------------------------------- retrieval
 def test_retrieval_top1_and_identical_prompts():
     eye = torch.eye(8)
@@ -251,3 +349,32 @@ def test_retrieval_by_batch_drops_tail_and_averages():
     assert out[16] == 0.5
     assert out[8] == pytest.approx(2 / 5)  # chunks 0, 1 right; 2, 3, 4 wrong
     assert np.isnan(out[64])
+
+
+def test_retrieval_by_batch_known_answers_at_16_and_64():
+    n = 64
+    pose = torch.eye(n)  # pose i = e_i: unique, so matched texts are always retrieved
+    out = M.retrieval_by_batch(pose, pose.clone())
+    assert out[16] == 1.0 and out[64] == 1.0 and np.isnan(out[256])
+    # texts 16..19 rolled by one: query 16 now best matches text 17 (= e_16), and so on round the four;
+    # 4 misses in the second chunk of 16 and in the single chunk of 64: 60 / 64 either way
+    text = pose.clone()
+    text[16:20] = pose[16:20].roll(1, dims=0)
+    out = M.retrieval_by_batch(pose, text)
+    assert out[16] == 60 / 64 and out[64] == 60 / 64
+    # Four repeats of 16 directions: query i is e_(i mod 16); text i the same plus 0.1 (c + 1) e_63 in
+    # chunk c = i // 16. Within a chunk of 16 each direction occurs once: all right. Within 64 every
+    # query retrieves the chunk-0 text of its direction (largest cosine, 1 / sqrt(1.01)): only chunk 0
+    # is right, 1/4 ...
+    k, c = torch.arange(n) % 16, torch.arange(n) // 16
+    pose = torch.eye(n)[k]
+    text = pose + 0.1 * (c + 1).float()[:, None] * torch.eye(n)[63]
+    out = M.retrieval_by_batch(pose, text)
+    assert out[16] == 1.0 and out[64] == 0.25
+    # ... unless the retrieved text's prompt is the query's own sentence (DESIGN 1.6): all right
+    prompts = [f"direction {int(j)}" for j in k]
+    assert M.retrieval_by_batch(pose, text, prompts)[64] == 1.0
+    # a prompt shared only by chunks 0 and 1: chunks 0, 1 right, 2, 3 wrong at 64
+    prompts = [f"direction {int(j)}" if i < 32 else f"other {i}" for i, j in enumerate(k)]
+    assert M.retrieval_by_batch(pose, text, prompts) == pytest.approx({16: 1.0, 64: 0.5, 256: float("nan")},
+                                                                      nan_ok=True)

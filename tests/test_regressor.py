@@ -154,3 +154,21 @@ def test_state_dict_carries_template_and_bad_config_errors():
         net(tokens, feats[:2], uv)
     with pytest.raises(ValueError, match="joints_uv"):
         net(tokens, feats, uv[:, :20])
+
+
+def test_joints_only_is_decided_once_not_every_forward(monkeypatch):
+    rng = np.random.default_rng(0)
+    t = joints_only_template(rng.normal(size=(8, 21, 3)) * 0.02 + np.arange(21)[:, None] * 0.01)
+    net, mesh_net = model(t), model(tiny_template())
+
+    def no_equal(*a, **k):
+        raise AssertionError("torch.equal after construction: a host sync on every forward")
+
+    monkeypatch.setattr(torch, "equal", no_equal)
+    assert net.joints_only is True and mesh_net.joints_only is False
+    net(*inputs(b=2))
+    monkeypatch.undo()
+    # Loading other weights re-decides: a 21-node template whose J is not the identity is a mesh
+    other = dict(t.to_dict(), J=np.roll(np.eye(21), 1, axis=1))
+    net.load_state_dict(model(MeshTemplate.from_dict(other)).state_dict())
+    assert net.joints_only is False

@@ -225,10 +225,11 @@ def test_dataset_items_keep_the_contract():
         assert abs(item["root_depth"] - item["joints_xyz"][0, 2]) < 1e-6
     a, b = ds[3], ds[3]
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["joints_xyz"], b["joints_xyz"])
-    ev = SyntheticHands(length=4, seed=1, split="eval")
-    assert np.abs(ev.hand(0).xyz - ds.hand(0).xyz).max() > 1e-3  # disjoint streams
+    for split in ("val", "test"):
+        ev = SyntheticHands(length=4, seed=1, split=split)
+        assert np.abs(ev.hand(0).xyz - ds.hand(0).xyz).max() > 1e-3  # disjoint streams
     with pytest.raises(ValueError, match="split"):
-        SyntheticHands(length=4, split="test")
+        SyntheticHands(length=4, split="eval")
     with pytest.raises(ValueError, match="length"):
         SyntheticHands(length=0)
 

@@ -103,3 +103,43 @@ def test_non_finite_loss_stops_with_step_and_terms_and_keeps_last_good_checkpoin
     saved = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert saved["train_state"]["step"] == 3  # the last good step; nothing after the NaN was saved
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
+def test_non_finite_gradients_are_skipped_then_stop_the_run_and_last_pt_stays_the_last_good(tmp_path, monkeypatch):
+    import cliphand3d.trainer as trainer_mod
+    from cliphand3d.checkpoint import load_checkpoint
+
+    build_model, save = trainer_mod.build_model, trainer_mod.save_checkpoint
+    backward = {"n": 0}
+
+    def poisoned_model(cfg, template):
+        model = build_model(cfg, template)
+
+        def hook(g):  # from the 4th backward pass (0-based step 3) on, a finite loss with NaN gradients here
+            backward["n"] += 1
+            return g * float("nan") if backward["n"] >= 4 else g
+
+        model.regressor.stages[0].head[1].weight.register_hook(hook)
+        return model
+
+    written = {}
+
+    def spy(path, state):
+        out = save(path, state)  # the real save: it refuses non-finite weights itself
+        if path.name == "last.pt":
+            written[state["train_state"]["step"]] = {k: v.clone() for k, v in state["model"].items()}
+        return out
+
+    monkeypatch.setattr(trainer_mod, "build_model", poisoned_model)
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", spy)
+    overrides = [f"run_dir={tmp_path}", *TINY, "data.num_train=32", "data.num_val=8", "data.num_verts=200",
+                 "model_template.build.levels=[40,80,120]", "trainer.max_steps=8"]
+    # trainer.max_nonfinite_steps=3 (the default): batches 4, 5 and 6 are skipped, the 3rd stops the run
+    with pytest.raises(SystemExit, match=r"non-finite gradients at step 3 in "
+                                         r"\['model\.regressor\.stages\.0\.head\.1\.weight'\], 3 batch"):
+        train(compose_train(overrides))
+    assert backward["n"] == 6
+    on_disk = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert on_disk["train_state"]["step"] == 3 and max(written) == 3
+    assert all(torch.isfinite(v).all() for v in on_disk["model"].values() if v.is_floating_point())
+    assert all(torch.equal(on_disk["model"][k], written[3][k]) for k in written[3])

@@ -27,6 +27,7 @@ from cliphand3d.skeleton import NUM_JOINTS, mpii_to_rhd, rhd_to_mpii
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRAIN, N_EVAL, SEED, S = 4, 3, 0, 128
+ALL = 0.0  # val_fraction: these tests read every training hand (tests/test_splits.py covers the hold-out)
 ROT_AUG = CropAugment(train=True, rot_prob=1.0, rot_max_deg=90.0, color_jitter=0.2)
 
 
@@ -80,11 +81,11 @@ def test_freihand_layout(frei):
 
 
 def test_freihand_versions_are_one_hand_over_new_backgrounds(frei):
-    ds = FreiHAND(frei, versions=(0, 1, 2, 3), img_size=S)
+    ds = FreiHAND(frei, versions=(0, 1, 2, 3), img_size=S, val_fraction=ALL)
     assert len(ds) == 4 * N_TRAIN and ds.num_unique == N_TRAIN
     assert [Path(ds.load_raw(i).file).name for i in (1, 5, 9, 13)] == \
         [f"{1 + N_TRAIN * v:08d}.jpg" for v in range(4)]
-    only2 = FreiHAND(frei, versions=(2,), img_size=S)
+    only2 = FreiHAND(frei, versions=(2,), img_size=S, val_fraction=ALL)
     assert Path(only2.image_path(1)).name == f"{1 + 2 * N_TRAIN:08d}.jpg"
     mask = ds.read_mask(1)
     a, b = (ds.load_raw(i).image.astype(float) for i in (1, 5))
@@ -94,7 +95,7 @@ def test_freihand_versions_are_one_hand_over_new_backgrounds(frei):
 
 
 def test_freihand_reprojection_subpixel(frei):
-    ds = FreiHAND(frei, versions=(0, 3), img_size=S, crop="mask")
+    ds = FreiHAND(frei, versions=(0, 3), img_size=S, crop="mask", val_fraction=ALL)
     K_all = np.array(json.loads((frei / "training_K.json").read_text()))
     xyz_all = np.array(json.loads((frei / "training_xyz.json").read_text()))
     for i in range(len(ds)):
@@ -109,7 +110,7 @@ def test_freihand_reprojection_subpixel(frei):
 
 
 def test_freihand_augmentation_moves_labels_with_pixels(frei):
-    ds = FreiHAND(frei, versions=(0, 1), img_size=S, augment=ROT_AUG)
+    ds = FreiHAND(frei, versions=(0, 1), img_size=S, augment=ROT_AUG, val_fraction=ALL)
     K_all = np.array(json.loads((frei / "training_K.json").read_text()))
     xyz_all = np.array(json.loads((frei / "training_xyz.json").read_text()))
     rots = []
@@ -131,7 +132,7 @@ def test_freihand_augmentation_moves_labels_with_pixels(frei):
             raw.image = np.repeat(self.read_mask(index)[..., None].astype(np.uint8) * 255, 3, axis=2)
             return raw
 
-    mds = MaskAsImage(frei, versions=(0, 1), img_size=S, augment=ROT_AUG)
+    mds = MaskAsImage(frei, versions=(0, 1), img_size=S, augment=ROT_AUG, val_fraction=ALL)
     hits, total = 0, 0
     for i in range(len(mds)):
         item = mds[i]
@@ -173,7 +174,7 @@ def test_freihand_eval_without_released_labels(fixture_dir):
 
 
 def test_labels_for_template_reads_json(frei):
-    ds = FreiHAND(frei, versions=(0, 1, 2, 3))
+    ds = FreiHAND(frei, versions=(0, 1, 2, 3), val_fraction=ALL)
     xyz, verts = ds.labels_for_template()
     assert xyz.shape == (N_TRAIN, 21, 3) and verts.shape == (N_TRAIN, 778, 3) and verts.dtype == np.float32
     np.testing.assert_array_equal(xyz, json.loads((frei / "training_xyz.json").read_text()))
@@ -184,7 +185,7 @@ def test_labels_for_template_reads_json(frei):
 
 def test_items_are_reproducible_and_collate(frei, rhd_root):
     prompts = PromptGenerator()
-    ds = FreiHAND(frei, versions=(0, 1), img_size=S, augment=ROT_AUG, prompts=prompts, seed=3)
+    ds = FreiHAND(frei, versions=(0, 1), img_size=S, augment=ROT_AUG, prompts=prompts, seed=3, val_fraction=ALL)
     a, b = ds[2], ds[2]
     assert torch.equal(a["image"], b["image"]) and a["prompts"] == b["prompts"]
     ds.set_epoch(1)
@@ -192,7 +193,7 @@ def test_items_are_reproducible_and_collate(frei, rhd_root):
     batch = default_collate([ds[i] for i in range(4)])
     assert batch["image"].shape == (4, 3, S, S) and batch["verts_xyz"].shape == (4, 778, 3)
     assert set(batch["prompts"]) == {"x", "y", "z"} and len(batch["prompts"]["x"]) == 4
-    r = RHD(rhd_root, img_size=S, augment=ROT_AUG, prompts=prompts)
+    r = RHD(rhd_root, img_size=S, augment=ROT_AUG, prompts=prompts, val_fraction=ALL)
     rb = default_collate([r[i] for i in range(len(r))])
     assert rb["visible"].dtype == torch.bool and rb["visible"].shape == (N_TRAIN, NUM_JOINTS)
     assert "verts_xyz" not in rb and RHD.protocol == "rhd" and not RHD.has_verts
@@ -227,7 +228,7 @@ def test_rhd_layout(rhd_root):
 def test_rhd_order_and_mirroring_round_trip(rhd_root):
     x = np.random.default_rng(0).normal(size=(2, 21, 3))
     np.testing.assert_array_equal(rhd_to_mpii(mpii_to_rhd(x)), x)
-    ds = RHD(rhd_root, img_size=S)
+    ds = RHD(rhd_root, img_size=S, val_fraction=ALL)
     template_xyz, none = ds.labels_for_template()
     assert none is None and template_xyz.shape == (N_TRAIN, 21, 3)
     for i in range(N_TRAIN):
@@ -267,7 +268,7 @@ def test_rhd_reprojection_and_visibility(rhd_root):
         check_item(item, S)
         np.testing.assert_allclose(item_uv(item), want, atol=1e-3)
         np.testing.assert_array_equal(item["visible"].numpy(), rhd_to_mpii(a["uv_vis"][own])[:, 2] > 0)
-    flags = np.concatenate([RHD(rhd_root, split=s).load_raw(j).visible for s in ("train", "eval")
+    flags = np.concatenate([RHD(rhd_root, split=s, val_fraction=ALL).load_raw(j).visible for s in ("train", "eval")
                             for j in range(2)])
     assert 0 < flags.mean() < 1  # some joints occluded, so the order of the flags is actually tested
 
@@ -282,7 +283,7 @@ def test_rhd_picks_the_hand_with_more_pixels(rhd_root, tmp_path):
     mask[free[:, 0], free[:, 1]] = 5  # more left-hand pixels than right-hand ones
     cv2.imwrite(str(path), mask)
     anno = pickle.loads((root / "training" / "anno_training.pickle").read_bytes(), encoding="latin1")
-    raw = RHD(root).load_raw(0)
+    raw = RHD(root, val_fraction=ALL).load_raw(0)
     assert raw.extra["side"] == "left"
     _, want, _ = mirror_lr(None, rhd_to_mpii(anno[0]["xyz"][:21].astype(np.float64)), np.eye(3), 320)
     np.testing.assert_allclose(raw.xyz, want, atol=1e-6)
@@ -311,7 +312,7 @@ def test_make_synthetic_script(tmp_path):
                           "num_train=2", "num_eval=1", "seed=5"], capture_output=True, text=True, timeout=120,
                          cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    ds = RHD(out)
+    ds = RHD(out, val_fraction=ALL)
     assert len(ds) == 2 and len(RHD(out, split="eval")) == 1
     np.testing.assert_allclose(ds.load_raw(0).xyz, sample_hand(5, 0, img_size=320).xyz, atol=1e-6)
     assert not list(tmp_path.glob("outputs"))  # Hydra leaves no run folder behind

@@ -92,6 +92,22 @@ def read_image(path: str | Path, *, grayscale: bool = False) -> np.ndarray:
     return img if grayscale else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) from the image file's header, without decoding its pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    try:
+        with Image.open(p) as im:
+            width, height = im.size
+    except FileNotFoundError:
+        raise DatasetError(f"image not found: {p}\n  fix: check the dataset root and that the archive was "
+                           "fully unpacked (run scripts/check_data.py)") from None
+    except UnidentifiedImageError:
+        raise DatasetError(f"image cannot be decoded: {p}\n  fix: re-download or re-extract this file") from None
+    return height, width
+
+
 def read_image_raw(path: str | Path) -> np.ndarray:
     """Decode keeping channels and bit depth (RHD depth/mask PNGs); RGB order for colour images."""
     p = Path(path)
@@ -101,6 +117,52 @@ def read_image_raw(path: str | Path) -> np.ndarray:
     if img.ndim == 3:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     return img
+
+
+# --------------------------------------------------------------------------- splits
+# The official folder names are accepted as split names beside the short ones.
+SPLIT_ALIASES = {"training": "train", "evaluation": "eval"}
+
+
+def split_name(split: str, choices: tuple[str, ...], dataset: str) -> str:
+    """`split` or its alias (SPLIT_ALIASES) if it is one of `choices`; else an error naming them all."""
+    name = SPLIT_ALIASES.get(split, split)
+    if name not in choices:
+        named = [*choices, *(a for a, c in SPLIT_ALIASES.items() if c in choices)]
+        raise DatasetError(f"{dataset} split {split!r} is not one of {named} (data.<train|val|test>.split)")
+    return name
+
+
+def holdout_split(ids, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train_ids, val_ids), each sorted: a seeded draw of round(fraction * n) of the n distinct ids
+    (at least 1) is held out for validation, the rest train. fraction=0 holds nothing out.
+
+    A pure function of (the set of ids, fraction, seed): the order the ids come in does not matter, and
+    the training seed plays no part, so every training run is validated on the same ids.
+    """
+    ids = np.unique(np.asarray(ids, dtype=np.int64))
+    fraction = float(fraction)
+    if not 0.0 <= fraction < 1.0:
+        raise DatasetError(f"data.val_fraction={fraction} must be in [0, 1): the share of the training ids "
+                           "held out for validation (e.g. 0.03)")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise DatasetError(f"data.holdout_seed={seed!r} must be a non-negative int")
+    if fraction == 0.0:
+        return ids, ids[:0]
+    n_val = max(1, int(round(fraction * len(ids))))
+    if n_val >= len(ids):
+        raise DatasetError(f"data.val_fraction={fraction} of {len(ids)} training id(s) leaves none to train on: "
+                           "validation needs at least 1 held-out id and training at least 1 other; lower "
+                           "data.val_fraction or use more training data")
+    val = np.sort(ids[np.random.default_rng(int(seed)).permutation(len(ids))[:n_val]])
+    return np.setdiff1d(ids, val), val
+
+
+def spread(n: int, k: int | None) -> list[int]:
+    """k indices spread evenly over range(n), first and last included; None = all."""
+    if k is None or k >= n:
+        return list(range(n))
+    return sorted(set(np.linspace(0, n - 1, max(k, 1)).round().astype(int).tolist()))
 
 
 # --------------------------------------------------------------------------- safe unpickling
@@ -144,7 +206,7 @@ def load_plain_pickle(path: str | Path, fix: str) -> Any:
 class RawSample:
     """One hand as stored on disk, before cropping: full image and camera-frame labels (right hand)."""
 
-    image: np.ndarray  # uint8 (H, W, 3) RGB
+    image: np.ndarray | None  # uint8 (H, W, 3) RGB; None from `label_sample` (labels only)
     K: np.ndarray  # (3, 3)
     xyz: np.ndarray  # (21, 3) metres, MPII order, right hand
     box: tuple[float, float, float]  # tight square box (cx, cy, size) in pixels, before the crop scale
@@ -179,6 +241,20 @@ class HandDataset(Dataset):
 
     def load_raw(self, index: int) -> RawSample:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def label_sample(self, index: int) -> RawSample:
+        """`load_raw` without the image (image=None), for statistics over labels. Datasets that can find
+        their crop box without decoding the picture override this; the fallback decodes it."""
+        raw = self.load_raw(index)
+        raw.image = None
+        return raw
+
+    def label_targets(self, index: int) -> dict:
+        """Item `index`'s label keys (float64 numpy), as `__getitem__` makes them, without the image."""
+        from .transforms import label_targets  # transforms imports this module
+
+        return label_targets(self.label_sample(index), img_size=self.img_size, augment=self.augment,
+                             rng=self.rng_for(index))
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):

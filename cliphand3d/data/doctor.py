@@ -15,7 +15,7 @@ from ..geometry import project
 from ..viz import draw_skeleton, make_grid
 from . import freihand as fh
 from . import rhd
-from .base import DatasetError, check_item, load_json, read_image
+from .base import DatasetError, check_item, load_json, read_image, spread
 from .transforms import denormalize_image
 
 
@@ -27,13 +27,6 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.file}: {self.problem}\n  fix: {self.fix}"
-
-
-def spread(n: int, k: int | None) -> list[int]:
-    """k indices spread evenly over range(n), first and last included; None = all."""
-    if k is None or k >= n:
-        return list(range(n))
-    return sorted(set(np.linspace(0, n - 1, max(k, 1)).round().astype(int).tolist()))
 
 
 def _check_files(folder: Path, names: Sequence[str], what: str, fix: str, image_check: int | None,

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from ..geometry import crop_and_rotate, project, square_box
-from .base import DatasetError, HandDataset, RawSample, check_lengths, load_json, read_image, require_dir
+from .base import (DatasetError, HandDataset, RawSample, check_lengths, holdout_split, image_size, load_json,
+                   read_image, require_dir, split_name, spread)
 from .transforms import EVAL_CROP, CropAugment, box_from_mask, normalize_image
 
 RELEASE_UNIQUE_TRAIN = 32560  # the release's unique training hands; for messages only
@@ -27,7 +28,7 @@ PAGE_URL = "https://lmb.informatik.uni-freiburg.de/resources/datasets/FreihandDa
 TRAIN_ZIP_URL = "https://lmb.informatik.uni-freiburg.de/data/freihand/FreiHAND_pub_v2.zip"
 EVAL_ZIP_URL = "https://lmb.informatik.uni-freiburg.de/data/freihand/FreiHAND_pub_v2_eval.zip"
 CROPS = ("mask", "joints", "full")
-SPLITS = {"train": "training", "eval": "evaluation"}
+SPLITS = {"train": "training", "eval": "evaluation"}  # on-disk splits -> folder; "val" reads training/ too
 
 
 def download_fix(root: str | Path) -> str:
@@ -41,7 +42,7 @@ def download_fix(root: str | Path) -> str:
 def eval_gt_fix(root: str | Path) -> str:
     return (f"download FreiHAND_pub_v2_eval.zip ({EVAL_ZIP_URL}, from {PAGE_URL}), unzip it and copy its "
             f"evaluation_xyz.json and evaluation_verts.json next to {root}/evaluation_K.json; or pass "
-            f"require_gt=False (data.val.require_gt=false) to read the evaluation images without labels")
+            f"require_gt=False (data.test.require_gt=false) to read the evaluation images without labels")
 
 
 def load_array(path: Path, shape: tuple[int, ...], fix: str, dtype=np.float64) -> np.ndarray:
@@ -76,12 +77,16 @@ def full_box(width: int, height: int) -> tuple[float, float, float]:
 class FreiHAND(HandDataset):
     """FreiHAND v2 as hand items (docs/conventions.md).
 
-    split: "train" (training/, with masks and meshes) or "eval" (evaluation/).
-    versions: which of the 4 background versions of every training hand to use (train only); the
-        dataset is version-major: index = position in `versions` * U + unique id.
-    crop: "mask" = square box around the training mask (train default); "joints" = around the
-        projected joints; "full" = the whole 224 image (eval default: evaluation has no masks). With
-        crop="full" and no augment, the crop is exactly the image (scale 1.0, not the usual 1.3).
+    split: "train" or "val" (training/, with masks and meshes, split by unique id) or "eval" (evaluation/,
+        the test set); "training" and "evaluation" are accepted too.
+    val_fraction, holdout_seed: which unique ids `val` holds out and `train` leaves out, with all their
+        versions (`base.holdout_split`); fraction 0 trains on every id and leaves `val` empty.
+    versions: which of the 4 background versions of every training hand to use (train / val); the
+        dataset is version-major: index = position in `versions` * len(ids) + position in `ids`.
+    crop: "mask" = square box around the training mask (train default here); "joints" = around the
+        projected joints; "full" = the whole 224 image (val / eval default: evaluation has no masks; the
+        data config trains on it too, so training frames hands as the test crops do). With crop="full"
+        and no augment, the crop is exactly the image (scale 1.0, not the usual 1.3).
     require_gt: eval only. True: evaluation_xyz.json and evaluation_verts.json must exist. False: they
         are used when present; without them `has_labels` is False and items carry only `image`, `K`,
         `scale` (evaluation_scale.json, metres) and `meta` -- no label keys, so nothing fake reaches a
@@ -93,26 +98,25 @@ class FreiHAND(HandDataset):
 
     def __init__(self, root: str | Path, split: str = "train", versions: Sequence[int] = (0,), img_size: int = 256,
                  augment: CropAugment | None = None, prompts=None, seed: int = 0, crop: str | None = None,
-                 require_gt: bool = True):
-        if split not in SPLITS:
-            raise DatasetError(f"FreiHAND split {split!r} is not one of {list(SPLITS)} (data.*.split)")
+                 require_gt: bool = True, val_fraction: float = 0.03, holdout_seed: int = 0):
+        split = split_name(split, ("train", "val", "eval"), "FreiHAND")
         crop = crop or ("mask" if split == "train" else "full")
         if crop not in CROPS:
             raise DatasetError(f"FreiHAND crop {crop!r} is not one of {list(CROPS)} (data.*.crop)")
         if split == "eval" and crop == "mask":
-            raise DatasetError("FreiHAND evaluation has no masks: use crop='full' or crop='joints' (data.val.crop)")
+            raise DatasetError("FreiHAND evaluation has no masks: use crop='full' or crop='joints' (data.test.crop)")
         if crop == "full" and augment is None:
             augment = CropAugment(train=False, scale=1.0)
         super().__init__(img_size=img_size, augment=augment, prompts=prompts, seed=seed)
         self.root = require_dir(root, "FreiHAND root", download_fix(root))
         self.split, self.crop = split, crop
-        name = SPLITS[split]
+        name = SPLITS["eval" if split == "eval" else "train"]
         fix = download_fix(self.root)
         self.image_dir = require_dir(self.root / name / "rgb", "FreiHAND images", fix)
         self.K = load_array(self.root / f"{name}_K.json", (3, 3), fix)
         self.scale = load_array(self.root / f"{name}_scale.json", (), fix)
         self.xyz = self.verts = None
-        if split == "train":
+        if name == "training":
             self.versions = self._check_versions(versions)
             self.mask_dir = require_dir(self.root / name / "mask", "FreiHAND masks", fix)
             self.xyz = load_array(self.root / f"{name}_xyz.json", (21, 3), fix)
@@ -136,6 +140,19 @@ class FreiHAND(HandDataset):
         self.num_unique = check_lengths(lists, f"re-extract the annotation files under {self.root}; {fix}")
         if self.num_unique == 0:
             raise DatasetError(f"{self.root}/{name}_K.json is empty.\n  fix: {fix}")
+        self.ids = self._split_ids(val_fraction, holdout_seed)
+
+    def _split_ids(self, val_fraction: float, holdout_seed: int) -> np.ndarray:
+        """The unique ids this split reads: train and val partition training/ (seeded, not by the
+        training seed); eval reads every evaluation id."""
+        every = np.arange(self.num_unique)
+        if self.split == "eval":
+            return every
+        train, val = holdout_split(every, val_fraction, holdout_seed)
+        if self.split == "val" and len(val) == 0:
+            raise DatasetError("FreiHAND split 'val' is empty: data.val_fraction=0 holds no training id out; "
+                               "set data.val_fraction > 0 (e.g. 0.03)")
+        return train if self.split == "train" else val
 
     @staticmethod
     def _check_versions(versions: Sequence[int]) -> tuple[int, ...]:
@@ -146,12 +163,13 @@ class FreiHAND(HandDataset):
         return vs
 
     def __len__(self) -> int:
-        return self.num_unique * len(self.versions)
+        return len(self.ids) * len(self.versions)
 
     def locate(self, index: int) -> tuple[int, int]:
         """Dataset index -> (unique id, file id); file id = unique id + U * version."""
-        uid = index % self.num_unique
-        return uid, file_id(uid, self.versions[index // self.num_unique], self.num_unique)
+        n = len(self.ids)
+        uid = int(self.ids[index % n])
+        return uid, file_id(uid, self.versions[index // n], self.num_unique)
 
     def image_path(self, index: int) -> Path:
         return self.image_dir / f"{self.locate(index)[1]:08d}.jpg"
@@ -165,9 +183,9 @@ class FreiHAND(HandDataset):
         """bool (H, W): the hand in the training mask (JPEG, so thresholded at 127)."""
         return read_image(self.mask_path(index), grayscale=True) > 127
 
-    def _box(self, index: int, image: np.ndarray, xyz: np.ndarray | None, K: np.ndarray):
+    def _box(self, index: int, image_hw: tuple[int, int], xyz: np.ndarray | None, K: np.ndarray):
         if self.crop == "full":
-            return full_box(image.shape[1], image.shape[0])
+            return full_box(image_hw[1], image_hw[0])
         if self.crop == "joints":
             return square_box(project(xyz, K), scale=1.0)
         mask = self.read_mask(index)
@@ -183,7 +201,19 @@ class FreiHAND(HandDataset):
         path = self.image_path(index)
         image = read_image(path)
         K, xyz = self.K[uid], self.xyz[uid]
-        return RawSample(image=image, K=K, xyz=xyz, box=self._box(index, image, xyz, K), file=str(path),
+        return RawSample(image=image, K=K, xyz=xyz, box=self._box(index, image.shape[:2], xyz, K), file=str(path),
+                         verts=self.verts[uid].astype(np.float64), extra={"unique_id": uid})
+
+    def label_sample(self, index: int) -> RawSample:
+        """`load_raw` without decoding the RGB image: the crop box comes from the labels (crop="joints"),
+        the file header's size (crop="full") or the training mask, itself a label file (crop="mask")."""
+        if not self.has_labels:
+            raise DatasetError(f"FreiHAND {self.split} has no labels here.\n  fix: {eval_gt_fix(self.root)}")
+        uid, _ = self.locate(index)
+        path = self.image_path(index)
+        K, xyz = self.K[uid], self.xyz[uid]
+        hw = image_size(path) if self.crop == "full" else None
+        return RawSample(image=None, K=K, xyz=xyz, box=self._box(index, hw, xyz, K), file=str(path),
                          verts=self.verts[uid].astype(np.float64), extra={"unique_id": uid})
 
     def __getitem__(self, index: int) -> dict:
@@ -195,16 +225,22 @@ class FreiHAND(HandDataset):
         image = read_image(path)
         aug = self.augment if self.augment is not None else EVAL_CROP
         p = aug.sample(None)  # unlabeled items are for inference: always the deterministic crop
-        cx, cy, side = self._box(index, image, None, self.K[index])
+        cx, cy, side = self._box(index, image.shape[:2], None, self.K[index])
         crop, K, _ = crop_and_rotate(image, self.K[index], (cx, cy), side * p["scale"], self.img_size)
         return {"image": normalize_image(crop), "K": torch.as_tensor(K, dtype=torch.float32),
                 "scale": torch.tensor(float(self.scale[index]), dtype=torch.float32),
                 "meta": {"index": int(index), "file": str(path)}}
 
     def labels_for_template(self, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(xyz (M, 21, 3) float64, verts (M, N, 3) float32) metres of the first `limit` (default all U) unique
-        hands, from the json only (no images)."""
+        """(xyz (M, 21, 3) float64, verts (M, N, 3) float32) metres of `limit` (default all) of this split's
+        unique hands, from the json only (no images). The ids follow capture order, so a limit takes
+        them strided over the whole split, not its first block."""
         if not self.has_labels:
             raise DatasetError(f"FreiHAND {self.split} has no labels here.\n  fix: {eval_gt_fix(self.root)}")
-        m = self.num_unique if limit is None else min(int(limit), self.num_unique)
-        return self.xyz[:m], self.verts[:m]
+        ids = self.ids[spread(len(self.ids), None if limit is None else int(limit))]
+        return self.xyz[ids], self.verts[ids]
+
+    def labels_hint(self) -> str:
+        """Where this split's missing labels come from (eval.py's message when it can only predict)."""
+        return (f"download FreiHAND_pub_v2_eval.zip ({EVAL_ZIP_URL}) and copy its evaluation_xyz.json and "
+                f"evaluation_verts.json next to {self.root}/evaluation_K.json")

@@ -18,12 +18,13 @@ import numpy as np
 
 from ..geometry import mirror_lr, project, square_box
 from ..skeleton import NUM_JOINTS, rhd_to_mpii
-from .base import DatasetError, HandDataset, RawSample, load_plain_pickle, read_image, read_image_raw, require_dir
+from .base import (DatasetError, HandDataset, RawSample, holdout_split, load_plain_pickle, read_image, read_image_raw,
+                   require_dir, split_name, spread)
 from .transforms import CropAugment, box_from_mask
 
 PAGE_URL = "https://lmb.informatik.uni-freiburg.de/resources/datasets/RenderedHandposeDataset.en.html"
 ZIP_URL = "https://lmb.informatik.uni-freiburg.de/data/RenderedHandpose/RHD_v1-1.zip"
-SPLITS = {"train": "training", "eval": "evaluation"}
+SPLITS = {"train": "training", "eval": "evaluation"}  # on-disk splits -> folder; "val" reads training/ too
 BACKGROUND, PERSON = 0, 1
 LEFT_IDS = (2, 17)  # inclusive ranges of mask class ids
 RIGHT_IDS = (18, 33)
@@ -110,26 +111,38 @@ class RHD(HandDataset):
     The crop box surrounds the chosen hand's mask pixels; a sample whose hand has no mask pixels
     falls back to the box around its projected joints. `load_raw(i).extra` records the original
     side ('left' / 'right'), the sample id and the stored 2D keypoints (mirrored with the hand).
+
+    split: "train" / "val" partition training/ by sample id (`base.holdout_split` with val_fraction and
+    holdout_seed; fraction 0 trains on every id), "eval" is evaluation/ (the test set); the folder
+    names "training" / "evaluation" are accepted too.
     """
 
     protocol = "rhd"
     has_verts = False
 
     def __init__(self, root: str | Path, split: str = "train", img_size: int = 256,
-                 augment: CropAugment | None = None, prompts=None, seed: int = 0):
-        if split not in SPLITS:
-            raise DatasetError(f"RHD split {split!r} is not one of {list(SPLITS)} (data.*.split)")
+                 augment: CropAugment | None = None, prompts=None, seed: int = 0, val_fraction: float = 0.03,
+                 holdout_seed: int = 0):
+        split = split_name(split, ("train", "val", "eval"), "RHD")
         super().__init__(img_size=img_size, augment=augment, prompts=prompts, seed=seed)
         self.root = require_dir(root, "RHD root", download_fix(root))
         self.split = split
-        name = SPLITS[split]
+        name = SPLITS["eval" if split == "eval" else "train"]
         fix = download_fix(self.root)
         self.folder = require_dir(self.root / name, f"RHD {name} folder", fix)
         self.color_dir = require_dir(self.folder / "color", "RHD colour images", fix)
         self.mask_dir = require_dir(self.folder / "mask", "RHD masks", fix)
         self.depth_dir = self.folder / "depth"
         self.anno_path = self.folder / f"anno_{name}.pickle"
-        self.ids, anno = load_annotations(self.anno_path, f"re-extract {self.anno_path.name} from RHD_v1-1.zip; {fix}")
+        ids, anno = load_annotations(self.anno_path, f"re-extract {self.anno_path.name} from RHD_v1-1.zip; {fix}")
+        if split != "eval":
+            train, val = holdout_split(ids, val_fraction, holdout_seed)
+            if split == "val" and len(val) == 0:
+                raise DatasetError("RHD split 'val' is empty: data.val_fraction=0 holds no training id out; "
+                                   "set data.val_fraction > 0 (e.g. 0.03)")
+            keep = np.isin(ids, train if split == "train" else val)
+            ids, anno = [i for i, k in zip(ids, keep) if k], {k: v[keep] for k, v in anno.items()}
+        self.ids = ids
         self.xyz, self.uv_vis, self.K = anno["xyz"], anno["uv_vis"], anno["K"]
 
     def __len__(self) -> int:
@@ -149,20 +162,28 @@ class RHD(HandDataset):
         return mask[..., 0] if mask.ndim == 3 else mask
 
     def labels_for_template(self, limit: int | None = None) -> tuple[np.ndarray, None]:
-        """(xyz (M, 21, 3) float32, None): right-hand MPII joints of the first `limit` samples, read from
-        the pickle only. Without masks, each sample's hand is the one with more visible keypoints
-        (right on ties); `load_raw` decides by mask pixels, which agrees whenever one hand is seen."""
-        m = len(self) if limit is None else min(int(limit), len(self))
-        vis = self.uv_vis[:m, :, 2] > 0
+        """(xyz (M, 21, 3) float32, None): right-hand MPII joints of `limit` samples strided over this split
+        (ids follow render order), read from the pickle only. Without masks, each sample's hand is the
+        one with more visible keypoints (right on ties); `load_raw` decides by mask pixels, which agrees
+        whenever one hand is seen."""
+        pick = spread(len(self), None if limit is None else int(limit))
+        vis = self.uv_vis[pick, :, 2] > 0
         left = vis[:, :NUM_JOINTS].sum(1) > vis[:, NUM_JOINTS:].sum(1)
-        xyz = np.where(left[:, None, None], self.xyz[:m, :NUM_JOINTS] * [-1.0, 1.0, 1.0], self.xyz[:m, NUM_JOINTS:])
+        xyz = self.xyz[pick]
+        xyz = np.where(left[:, None, None], xyz[:, :NUM_JOINTS] * [-1.0, 1.0, 1.0], xyz[:, NUM_JOINTS:])
         return rhd_to_mpii(xyz).astype(np.float32), None
 
     def load_raw(self, index: int) -> RawSample:
-        path = self.color_path(index)
-        image = read_image(path)
+        return self._sample(index, read_image(self.color_path(index)))
+
+    def label_sample(self, index: int) -> RawSample:
+        """`load_raw` without decoding the colour image. The hand's side and crop box come from the
+        segmentation mask, which is a label file, so it is read."""
+        return self._sample(index, None)
+
+    def _sample(self, index: int, image: np.ndarray | None) -> RawSample:
         mask = self.read_mask(index)
-        if mask.shape[:2] != image.shape[:2]:
+        if image is not None and mask.shape[:2] != image.shape[:2]:
             raise DatasetError(f"{self.mask_path(index)}: mask is {mask.shape[:2]} but the image is "
                                f"{image.shape[:2]}.\n  fix: re-extract both files from RHD_v1-1.zip")
         side = choose_hand(mask, self.uv_vis[index, :, 2] > 0)
@@ -171,10 +192,10 @@ class RHD(HandDataset):
         uv_vis = rhd_to_mpii(self.uv_vis[index, slots])
         K, uv, own = self.K[index], uv_vis[:, :2].copy(), hand_mask(mask, side)
         if side == "left":
-            width = image.shape[1]
+            width = mask.shape[1]
             image, xyz, K = mirror_lr(image, xyz, K, width)
             own = own[:, ::-1]
             uv[:, 0] = width - 1 - uv[:, 0]
         box = box_from_mask(own) if own.any() else square_box(project(xyz, K), scale=1.0)
-        return RawSample(image=image, K=K, xyz=xyz, box=box, file=str(path), visible=uv_vis[:, 2] > 0,
-                         extra={"side": side, "id": self.ids[index], "uv": uv})
+        return RawSample(image=image, K=K, xyz=xyz, box=box, file=str(self.color_path(index)),
+                         visible=uv_vis[:, 2] > 0, extra={"side": side, "id": self.ids[index], "uv": uv})

@@ -26,7 +26,13 @@ from .transforms import box_from_mask
 Z_MIN = 0.25  # metres: nearest hand centre, so perspective stays plausible and every z > 0
 FOCAL_RANGE = (1.8, 3.2)  # focal length / image side (FreiHAND-like crops)
 FILL_RANGE = (0.5, 0.8)  # hand's extent / image side
-EVAL_SEED_OFFSET = 1 << 31  # eval streams start here, far from any train seed
+EVAL_SEED_OFFSET = 1 << 31  # held-out streams start here, far from any train seed (seeds are < 2**31)
+# Each split's streams get their own range of stream numbers, so no two splits draw the same hand:
+# train [0, 2**31), val [2**31, 2**31 + 2**30), test [2**31 + 2**30, 2**32). Streams stay below 2**32:
+# numpy's SeedSequence splits bigger ints into 32-bit words and pads keys with zeros, so the key
+# [2**32, 0] = words [0, 1, 0] is the key [0, 1] of train hand 1.
+SPLIT_OFFSETS = {"train": 0, "val": EVAL_SEED_OFFSET, "test": EVAL_SEED_OFFSET + (1 << 30)}
+SPLIT_SEEDS = {"train": 1 << 31, "val": 1 << 30, "test": 1 << 30}  # seeds allowed per split: [0, n)
 HAND, FOREARM, SLEEVE = 0, 1, 2
 _SHIFT = 4  # sub-pixel bits for cv2 drawing
 _ONE = 1 << _SHIFT
@@ -437,7 +443,8 @@ def render_hand(seed: int, index: int, *, img_size: int = 224, num_verts: int = 
 class SyntheticHands(HandDataset):
     """`length` procedural hands rendered at `render_size` (FreiHAND-like), cropped by the shared pipeline.
 
-    `split` picks disjoint streams: train uses stream `seed`, eval stream `seed + EVAL_SEED_OFFSET`.
+    `split` ("train", "val" or "test") picks disjoint streams: stream = `seed` + SPLIT_OFFSETS[split]. The
+    data config gives val and test their own fixed seeds, so they do not move with the training seed.
     Items follow docs/conventions.md, with `verts_xyz` (fixed topology of `num_verts` points).
     """
 
@@ -452,17 +459,20 @@ class SyntheticHands(HandDataset):
             raise ValueError(f"SyntheticHands: data.view={view!r} is not one of {VIEWS}")
         if not isinstance(length, (int, np.integer)) or length < 1:
             raise ValueError(f"SyntheticHands: length must be a positive int, got {length!r}")
-        if split not in ("train", "eval"):
-            raise ValueError(f"SyntheticHands: split must be 'train' or 'eval', got {split!r}")
-        if not isinstance(seed, (int, np.integer)) or seed < 0 or seed >= EVAL_SEED_OFFSET:
-            raise ValueError(f"SyntheticHands: seed must be an int in [0, 2**31), got {seed!r}")
+        if split not in SPLIT_OFFSETS:
+            raise ValueError(f"SyntheticHands: split must be one of {tuple(SPLIT_OFFSETS)} (data.<entry>.split), "
+                             f"got {split!r}")
+        top = SPLIT_SEEDS[split]
+        if not isinstance(seed, (int, np.integer)) or seed < 0 or seed >= top:
+            key = {"train": "seed", "val": "data.holdout_seed", "test": "data.test_seed"}[split]
+            raise ValueError(f"SyntheticHands: the {split} seed ({key}) must be an int in [0, {top}), got {seed!r}")
         surface_layout(num_verts)  # fail now, with the message about num_verts, not in a worker
         self.length = int(length)
         self.split = split
         self.num_verts = int(num_verts)
         self.render_size = int(render_size)
         self.view = view
-        self.stream = int(seed) + (EVAL_SEED_OFFSET if split == "eval" else 0)
+        self.stream = int(seed) + SPLIT_OFFSETS[split]
 
     def __len__(self) -> int:
         return self.length

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..geometry import crop_and_rotate, points_to_uvd, square_box, xyz_to_uvd
+from ..geometry import crop_and_rotate, crop_intrinsics, points_to_uvd, square_box, xyz_to_uvd
 from .base import RawSample
 
 
@@ -72,34 +72,49 @@ def box_from_mask(mask: np.ndarray) -> tuple[float, float, float]:
     return square_box(np.stack([xs, ys], 1), scale=1.0)
 
 
+def crop_box(box: tuple[float, float, float], params: dict) -> tuple[tuple[float, float], float]:
+    """The tight hand box and sampled augmentation -> (crop centre, crop side) in pixels."""
+    cx, cy, side = box
+    side = side * params["scale"]
+    return (cx + params["shift"][0] * side, cy + params["shift"][1] * side), side
+
+
+def crop_labels(raw: RawSample, K: np.ndarray, R: np.ndarray, img_size: int) -> dict:
+    """A raw sample's labels in the crop's camera (K, R from `crop_intrinsics`): the label keys of an item."""
+    xyz = raw.xyz @ R.T
+    uvd, root, bone = xyz_to_uvd(xyz, K, img_size)
+    out = {"joints_xyz": xyz, "joints_uvd": uvd, "K": K, "root_depth": np.asarray(root), "bone": np.asarray(bone)}
+    if raw.verts is not None:
+        out["verts_xyz"] = raw.verts @ R.T
+        out["verts_uvd"] = points_to_uvd(out["verts_xyz"], K, img_size, out["root_depth"], out["bone"])
+    return out
+
+
+def label_targets(raw: RawSample, *, img_size: int, augment: CropAugment | None = None,
+                  rng: np.random.Generator | None = None) -> dict:
+    """The labels `build_item` gives the same raw sample and rng, without an image (float64 numpy)."""
+    p = (augment if augment is not None else EVAL_CROP).sample(rng)
+    center, side = crop_box(raw.box, p)
+    K, R = crop_intrinsics(raw.K, center, side, img_size, p["rot"])
+    return crop_labels(raw, K, R, img_size)
+
+
 def build_item(raw: RawSample, *, index: int, img_size: int, augment: CropAugment | None = None,
                prompts=None, rng: np.random.Generator | None = None) -> dict:
     """Raw sample -> the item of docs/conventions.md (crop, labels in the crop's camera, prompts)."""
     aug = augment if augment is not None else EVAL_CROP
     p = aug.sample(rng)
-    cx, cy, side = raw.box
-    side = side * p["scale"]
-    center = (cx + p["shift"][0] * side, cy + p["shift"][1] * side)
+    center, side = crop_box(raw.box, p)
     crop, K, R = crop_and_rotate(raw.image, raw.K, center, side, img_size, p["rot"])
     if p["color"] is not None:
         crop = jitter_color(crop, p["color"])
-    xyz = raw.xyz @ R.T
-    uvd, root, bone = xyz_to_uvd(xyz, K, img_size)
-    item = {
-        "image": normalize_image(crop),
-        "joints_xyz": torch.as_tensor(xyz, dtype=torch.float32),
-        "joints_uvd": torch.as_tensor(uvd, dtype=torch.float32),
-        "K": torch.as_tensor(K, dtype=torch.float32),
-        "root_depth": torch.tensor(float(root), dtype=torch.float32),
-        "bone": torch.tensor(float(bone), dtype=torch.float32),
-        "prompts": prompts(xyz, rng) if prompts is not None else {},
-        "meta": {"index": int(index), "file": raw.file},
-    }
-    if raw.verts is not None:
-        verts = raw.verts @ R.T
-        item["verts_xyz"] = torch.as_tensor(verts, dtype=torch.float32)
-        item["verts_uvd"] = torch.as_tensor(points_to_uvd(verts, K, img_size, np.asarray(root), np.asarray(bone)),
-                                            dtype=torch.float32)
+    labels = crop_labels(raw, K, R, img_size)
+    item = {"image": normalize_image(crop)}
+    for k in ("joints_xyz", "joints_uvd", "K", "root_depth", "bone", "verts_xyz", "verts_uvd"):
+        if k in labels:
+            item[k] = torch.as_tensor(labels[k], dtype=torch.float32)
+    item["prompts"] = prompts(labels["joints_xyz"], rng) if prompts is not None else {}
+    item["meta"] = {"index": int(index), "file": raw.file}
     if raw.visible is not None:
         item["visible"] = torch.as_tensor(np.asarray(raw.visible, dtype=bool))
     return item

@@ -2,7 +2,8 @@
 
 For each axis a B x B similarity matrix `scale * norm(pose) @ norm(text).T` is scored with the
 symmetric InfoNCE of CLIP (mean of the pose->text and text->pose cross-entropies). Each axis has its
-own learnable log-scale; exp(scale) is clamped to [min_scale, max_scale].
+own learnable log-scale, kept in [log min_scale, log max_scale] by `clamp_scales_`, which the training
+loop calls after every optimiser step (CLIP's convention); the forward uses exp(log-scale) unclamped.
 
 Samples whose prompts are identical are positives for each other. Under torch.distributed the
 features of all ranks are gathered, so negatives span the global batch (see cliphand3d.dist for the
@@ -50,16 +51,16 @@ def multi_positive_clip_loss(logits: torch.Tensor, positives: torch.Tensor) -> t
 
 
 class PerAxisContrastiveLoss(nn.Module):
-    """CLIP loss per axis with a learnable, clamped temperature per axis.
+    """CLIP loss per axis with a learnable temperature per axis, clamped after each optimiser step.
 
     axes: axis names; the feature and prompt dicts are keyed by them.
     init_logit_scale: initial log of the scale (CLIP: log(1/0.07); the demo repo: log(100)).
-    min_scale, max_scale: clamp on exp(logit_scale).
+    min_scale, max_scale: bounds of exp(logit_scale), applied to the parameter by `clamp_scales_()`.
     gather: under torch.distributed with world size > 1, gather features from all ranks.
 
     forward(pose_feats, text_feats, prompts=None) -> {clip_<a>, acc_<a>, scale_<a>} per axis:
-    the loss, top-1 pose->text retrieval accuracy (a positive counts; detached) and the clamped
-    scale (detached). prompts=None treats every sample as distinct.
+    the loss, top-1 pose->text retrieval accuracy (a positive counts; detached) and the scale
+    (detached). prompts=None treats every sample as distinct.
     """
 
     def __init__(
@@ -79,6 +80,11 @@ class PerAxisContrastiveLoss(nn.Module):
                 f"loss scale clamp needs 0 < min_scale <= max_scale, got min_scale={min_scale}, "
                 f"max_scale={max_scale}"
             )
+        if not math.log(min_scale) <= init_logit_scale <= math.log(max_scale):
+            raise ValueError(
+                f"loss.contrastive.init_logit_scale={init_logit_scale} is outside [log(min_scale), log(max_scale)] = "
+                f"[{math.log(min_scale):.4g}, {math.log(max_scale):.4g}]; e.g. log(1/0.07) = 2.659 (CLIP)"
+            )
         self.axes = axes
         self.min_scale = float(min_scale)
         self.max_scale = float(max_scale)
@@ -88,7 +94,18 @@ class PerAxisContrastiveLoss(nn.Module):
         )
 
     def scale(self, axis: str) -> torch.Tensor:
-        return self.logit_scale[axis].exp().clamp(self.min_scale, self.max_scale)
+        return self.logit_scale[axis].exp()
+
+    @torch.no_grad()
+    def clamp_scales_(self) -> None:
+        """Clamp every log-scale into [log min_scale, log max_scale]; call it after each optimiser step.
+
+        On the parameter rather than in forward: a clamp in forward has zero gradient outside its
+        bounds, so a scale that overshot them (Adam does) could never come back.
+        """
+        lo, hi = math.log(self.min_scale), math.log(self.max_scale)
+        for p in self.logit_scale.values():
+            p.clamp_(lo, hi)
 
     def _stack(self, feats: Mapping[str, torch.Tensor], what: str) -> torch.Tensor:
         missing = [a for a in self.axes if a not in feats]

@@ -98,12 +98,12 @@ class JointFeatures(nn.Module):
         if impl not in IMPLS:
             raise ValueError(f"JointFeatures impl={impl!r}; choose one of {IMPLS}")
         self._check(uvz, f0)
-        uvz = uvz.detach().to(f0.dtype)  # the volume is a fixed input: no gradient into P
+        # The volume is a fixed input (no gradient into P). Its Gaussians are built in fp32 and only the
+        # result is cast: in bf16 the centres would sit on a 0.25-0.5 cell grid.
+        uvz = uvz.detach().float()
         h, w = f0.shape[-2:]
-        off = self.grid_offset
-        gx = gaussian_1d(uvz[..., 0], w, self.sigma, off)
-        gy = gaussian_1d(uvz[..., 1], h, self.sigma, off)
-        gz = gaussian_1d(uvz[..., 2], self.depth_bins, self.sigma, off)
+        gx, gy, gz = (gaussian_1d(uvz[..., k], n, self.sigma, self.grid_offset).to(f0.dtype)
+                      for k, n in enumerate((w, h, self.depth_bins)))
         c = self.in_channels
         if impl == "naive":
             vol = gz[..., :, None, None] * gy[..., None, :, None] * gx[..., None, None, :]
@@ -132,8 +132,8 @@ class JointFeatures(nn.Module):
         inside = uvz[..., :2].clamp(0.0, 1.0)
         wx = gaussian_1d(inside[..., 0], w, self.sigma)
         wy = gaussian_1d(inside[..., 1], h, self.sigma)
-        wx = wx / wx.sum(-1, keepdim=True)
-        wy = wy / wy.sum(-1, keepdim=True)
+        wx = (wx / wx.sum(-1, keepdim=True)).to(feat.dtype)
+        wy = (wy / wy.sum(-1, keepdim=True)).to(feat.dtype)
         return torch.einsum("njy,njx,ncyx->njc", wy, wx, feat)
 
     def _check(self, uvz: torch.Tensor, f0: torch.Tensor) -> None:

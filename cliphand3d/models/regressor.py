@@ -124,6 +124,10 @@ class _Stage(nn.Module):
         return x, self.head(x)
 
 
+def _redecide_joints_only(module: "CoarseToFineRegressor", incompatible_keys) -> None:
+    module._joints_only = module._is_joints_only()
+
+
 class CoarseToFineRegressor(nn.Module):
     """forward(tokens (B,21,token_dim), feats [F3, F2, F1], joints_uv (B,21,2) in [0,1]) ->
     {"verts": (B,N,3), "joints": (B,21,3) = J @ verts, "stages": [(B,n_l,3) per level]} in uvd.
@@ -190,6 +194,9 @@ class CoarseToFineRegressor(nn.Module):
                                  spread_init=_nearest_one_hot(pos, template.joints), **stage_kw))
             prev = pos
         self.stages = nn.ModuleList(stages)
+        # Decided here (and again when weights are loaded), not per forward: torch.equal is a host sync.
+        self._joints_only = self._is_joints_only()
+        self.register_load_state_dict_post_hook(_redecide_joints_only)
 
     @property
     def num_levels(self) -> int:
@@ -202,6 +209,9 @@ class CoarseToFineRegressor(nn.Module):
     @property
     def joints_only(self) -> bool:
         """True for a joints_only_template: 21 nodes at every level and J the identity."""
+        return self._joints_only
+
+    def _is_joints_only(self) -> bool:
         return self.num_verts == NUM_JOINTS and bool(torch.equal(self.J, torch.eye(NUM_JOINTS, device=self.J.device)))
 
     def level_index(self, level: int) -> torch.Tensor:

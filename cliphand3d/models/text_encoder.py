@@ -79,6 +79,11 @@ def _text_cfg(model_name: str, tower: Mapping | None) -> tuple[dict, int, bool]:
     return text_cfg, embed_dim, bool(cfg.get("quick_gelu", False))
 
 
+def tower_context_length(model_name: str, tower: Mapping | None = None) -> int:
+    """Token context of the tower TextEncoder(model_name, tower=tower) builds, without building it."""
+    return int(_text_cfg(model_name, tower)[0].get("context_length", 77))
+
+
 def build_text_tower(text_cfg: dict, embed_dim: int, quick_gelu: bool, seed: int) -> nn.Module:
     """open_clip's text tower alone, initialised from `seed` without touching the global RNG."""
     from open_clip.model import _build_text_tower  # the same builder open_clip's CLIP uses

@@ -1,0 +1,98 @@
+"""Config checks that run before any training time is spent (no data read, no model built).
+
+Each would otherwise surface late: a `trainer.monitor` the protocol does not report fails at the first
+validation, minutes in; an image size the backbone cannot tile, or prompts longer than the text tower
+reads, train without an error at all. `check_config` names the key, the bad value and the fix.
+"""
+from __future__ import annotations
+
+import numpy as np
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+
+from . import metrics
+from .build import _clip_on
+from .skeleton import NUM_JOINTS
+
+BACKBONE_STRIDE = 32  # ResNet F4 (cliphand3d.models.backbone.STRIDES[-1])
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and the fix."""
+
+
+def metric_names(protocol: str, has_verts: bool) -> list[str]:
+    """The keys `metrics.evaluate` reports for `protocol`, read off one evaluation of a dummy input
+    (so they follow metrics.py rather than a copy of its key list)."""
+    rng = np.random.default_rng(0)
+    gt = rng.normal(scale=0.05, size=(2, NUM_JOINTS, 3)) + np.array([0.0, 0.0, 0.5])
+    pred = gt + rng.normal(scale=0.005, size=gt.shape)
+    verts = None
+    if has_verts and protocol != "rhd":
+        verts = rng.normal(scale=0.05, size=(2, 16, 3)) + np.array([0.0, 0.0, 0.5])
+    return sorted(metrics.evaluate(protocol, pred, gt, verts, None if verts is None else verts + 0.001))
+
+
+def monitor_choices(cfg: DictConfig) -> list[str]:
+    """Every validation metric a run with `cfg` reports: the protocol of the validation set's class,
+    plus retrieval per axis when the text branch is on (trainer.validate)."""
+    val_class = get_class(cfg.data.val._target_)
+    names = metric_names(getattr(val_class, "protocol", "freihand"), bool(getattr(val_class, "has_verts", False)))
+    if _clip_on(cfg):
+        names += [f"retrieval_{a}" for a in cfg.prompt.axes if a in ("x", "y", "z")]
+    return names
+
+
+def tower_context_length(cfg: DictConfig) -> int:
+    """Token context of the text tower `text.encoder` builds, from its open_clip config and overrides."""
+    from .models.text_encoder import tower_context_length as from_open_clip
+
+    enc = cfg.text.encoder
+    tower = OmegaConf.to_container(enc.tower, resolve=True) if enc.get("tower") is not None else None
+    return from_open_clip(str(enc.model_name), tower)
+
+
+def _monitor_problem(cfg: DictConfig) -> str | None:
+    monitor = cfg.trainer.monitor
+    choices = monitor_choices(cfg)
+    if monitor in choices:
+        return None
+    return (f"trainer.monitor={monitor!r} is not a metric validation reports for data={cfg.data.get('name')} "
+            f"(class {cfg.data.val._target_}); choose from {choices}")
+
+
+def _img_size_problem(cfg: DictConfig) -> str | None:
+    size = cfg.data.get("img_size")
+    if isinstance(size, int) and size > 0 and size % BACKBONE_STRIDE == 0:
+        return None
+    lower = max(BACKBONE_STRIDE, (int(size) // BACKBONE_STRIDE) * BACKBONE_STRIDE) if isinstance(size, int) else 256
+    return (f"data.img_size={size!r} is not a positive multiple of {BACKBONE_STRIDE}: the backbone downsamples "
+            f"the crop by {BACKBONE_STRIDE}, so its feature maps would not tile the crop; use e.g. "
+            f"data.img_size={lower} or {lower + BACKBONE_STRIDE}")
+
+
+def _context_problem(cfg: DictConfig) -> str | None:
+    if not _clip_on(cfg) or cfg.get("prompt") is None:
+        return None  # no text tower is built
+    wanted, tower = int(cfg.prompt.context_length), tower_context_length(cfg)
+    if wanted <= tower:
+        return None
+    return (f"prompt.context_length={wanted} does not fit the text tower, which reads {tower} tokens "
+            f"(text.encoder.model_name={cfg.text.encoder.model_name}, text.encoder.tower): prompts up to "
+            f"{wanted} tokens would be cut without notice; set prompt.context_length={tower}")
+
+
+def _nonfinite_problem(cfg: DictConfig) -> str | None:
+    limit = cfg.trainer.get("max_nonfinite_steps", 1)
+    if isinstance(limit, int) and limit >= 1:
+        return None
+    return (f"trainer.max_nonfinite_steps={limit!r} must be an integer >= 1 (batches with non-finite gradients "
+            "in a row before the run stops; 1 = stop at the first)")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise one ConfigError listing every problem found, each naming its key, value and fix."""
+    problems = [p for check in (_monitor_problem, _img_size_problem, _context_problem, _nonfinite_problem)
+                if (p := check(cfg)) is not None]
+    if problems:
+        raise ConfigError("the config cannot train:\n  " + "\n  ".join(problems))
