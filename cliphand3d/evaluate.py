@@ -19,7 +19,7 @@ from .build import build_datasets, build_model, build_prompts, check_split
 from .checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from .data.base import DatasetError
 from .engine import PLACEMENTS, predict
-from .geometry import procrustes_align, root_and_bone_from_uvd, uvd_to_xyz
+from .geometry import root_and_bone_from_uvd, uvd_to_xyz
 from .skeleton import bone_length
 from .trainer import TextBranch, make_loader, pick_device, template_from_state
 
