@@ -87,6 +87,10 @@ class CLIPHand3DLoss(nn.Module):
     def uses_text(self) -> bool:
         return self.contrastive is not None
 
+    def weighs(self, term: str) -> bool:
+        """Whether `term` enters the objective (a zero weight drops it, see `weighted_total`)."""
+        return weight_for(term, self.weights) != 0.0
+
     def forward(self, outputs: dict, batch: dict, text_feats: Mapping[str, torch.Tensor] | None = None) -> dict:
         target = batch["joints_uvd"]
         terms = {
