@@ -112,3 +112,12 @@ def test_a_parameter_missing_from_the_term_map_is_refused(data):
     model.extra_head = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match=r"model\.extra_head\.weight.*parameter_terms"):
         TrainingModule(model, CLIPHand3DLoss(weights={"joints": 1.0}))
+
+
+def test_a_misspelt_weight_is_refused_not_ignored():
+    with pytest.raises(ValueError, match=r"loss.weights.stage is not a loss term; choose from .*'stages'"):
+        CLIPHand3DLoss(weights={"joints": 1.0, "stage": 0.0})
+    with pytest.raises(ValueError, match=r"loss.weights.clip_w is not a loss term"):
+        CLIPHand3DLoss(weights={"joints": 1.0, "clip_w": 0.0}, contrastive=PerAxisContrastiveLoss(axes=("x", "y")))
+    with pytest.raises(ValueError, match=r"loss.weights.clip_z is not a loss term"):  # not an axis of the prompts
+        CLIPHand3DLoss(weights={"joints": 1.0, "clip_z": 0.0}, contrastive=PerAxisContrastiveLoss(axes=("x", "y")))
