@@ -36,7 +36,7 @@ class TrainState:
     history: list = field(default_factory=list)
     # What the position means: batch_in_epoch counts batches of `batch_size` per process on `world_size`
     # processes, so a resume must run with the same two (the trainer refuses otherwise).
-    samples_seen: int = 0  # training samples consumed so far, all processes together
+    samples_seen: int = 0  # the position in samples: training samples consumed so far, all processes together
     world_size: int = 1
     batch_size: int = 0  # per process
 

@@ -313,6 +313,8 @@ def _train(cfg: DictConfig, rank: int, world: int, local_rank: int) -> dict:
     def checkpoint(name: str) -> None:
         if not main:
             return
+        # from the position, not counted per step: a batch skipped for its gradients is consumed too
+        state.samples_seen = (state.epoch * steps_per_epoch + state.batch_in_epoch) * bs * world
         inner = unwrap(module)
         save_checkpoint(ckpt_dir / name, {
             "model": inner.model.state_dict(),
@@ -333,7 +335,6 @@ def _train(cfg: DictConfig, rank: int, world: int, local_rank: int) -> dict:
 
     def on_step(st: TrainState) -> None:
         nonlocal grads_checked
-        st.samples_seen += bs * world  # drop_last: every step takes whole batches on every rank
         if recorder is not None:
             recorder.commit(st)
         if not grads_checked:
@@ -406,7 +407,7 @@ def _train(cfg: DictConfig, rank: int, world: int, local_rank: int) -> dict:
         last_metrics = {k: v for k, v in state.history[-1].items() if k != "step"}
     checkpoint("last.pt")
     checksums = rank_weight_checksums(unwrap(module))
-    if main:
+    if main:  # (the final checkpoint above set samples_seen)
         wall = time.perf_counter() - t_start
         summary = {"steps": state.step, "samples_seen": state.samples_seen, "wall_s": round(wall, 1),
                    "best_step": state.best_step,
