@@ -129,7 +129,7 @@ def test_validation_draws_from_no_training_rng():
     from cliphand3d.models.template import joints_only_template
     from cliphand3d.trainer import make_loader, validate
 
-    ds = SyntheticHands(length=8, seed=1, img_size=64, num_verts=200, split="eval")
+    ds = SyntheticHands(length=8, seed=1, img_size=64, num_verts=200)  # no augmentation
     model = CLIPHand3D(template=joints_only_template(ds.all_labels()[0]), img_size=64, backbone="resnet18",
                        deconv_channels=16, depth_bins=16, joint_feature_hidden=16, token_dim=32,
                        widths=(32, 16, 16, 8, 8), blocks_per_stage=1, heads=2, embed_dim=32)
