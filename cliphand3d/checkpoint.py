@@ -292,10 +292,11 @@ def _diff(a: Any, b: Any, prefix: str, out: list[str]) -> None:
 
 def compare_configs(saved: Mapping[str, Any], current: Mapping[str, Any],
                     keys: Iterable[str] | None = ("model", "data", "text", "prompt", "loss"),
-                    ) -> list[str]:
+                    ignore: Iterable[str] = ()) -> list[str]:
     """Sorted dotted keys under the top-level groups `keys` (None: all) whose values differ.
 
-    A key present on one side only counts as differing. Lists compare as whole values.
+    A key present on one side only counts as differing. Lists compare as whole values. `ignore`:
+    dotted keys left out, with everything under them.
     """
     saved, current = config_to_container(saved), config_to_container(current)
     groups = sorted(set(saved) | set(current)) if keys is None else list(keys)
@@ -304,7 +305,18 @@ def compare_configs(saved: Mapping[str, Any], current: Mapping[str, Any],
         if g not in saved and g not in current:
             continue
         _diff(saved.get(g, _MISSING), current.get(g, _MISSING), g, out)
-    return out
+    skip = tuple(ignore)
+    return [k for k in out if not any(k == i or k.startswith(i + ".") for i in skip)]
+
+
+def config_value(cfg: Mapping[str, Any], key: str, missing: Any = "<absent>") -> Any:
+    """The value at dotted `key` of a nested mapping, or `missing`."""
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return missing
+        node = node[part]
+    return node
 
 
 # ----------------------------------------------------------------------------- model weights

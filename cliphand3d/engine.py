@@ -44,10 +44,16 @@ class TrainState:
     best_metric: float = math.inf
     best_step: int = -1
     history: list = field(default_factory=list)
+    # What the position means: batch_in_epoch counts batches of `batch_size` per process on `world_size`
+    # processes, so a resume must run with the same two (the trainer refuses otherwise).
+    samples_seen: int = 0  # the position in samples: training samples consumed so far, all processes together
+    world_size: int = 1
+    batch_size: int = 0  # per process
 
     def to_dict(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "best_metric": self.best_metric, "best_step": self.best_step, "history": list(self.history)}
+                "best_metric": self.best_metric, "best_step": self.best_step, "history": list(self.history),
+                "samples_seen": self.samples_seen, "world_size": self.world_size, "batch_size": self.batch_size}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainState":

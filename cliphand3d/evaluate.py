@@ -18,7 +18,7 @@ from . import metrics
 from .build import build_datasets, build_prompts, check_split, load_model
 from .data.base import DatasetError
 from .engine import PLACEMENTS, predict
-from .geometry import procrustes_align, root_and_bone_from_uvd, uvd_to_xyz
+from .geometry import root_and_bone_from_uvd, uvd_to_xyz
 from .skeleton import bone_length
 from .trainer import TextBranch, make_loader, pick_device, template_from_state
 

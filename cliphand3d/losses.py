@@ -20,6 +20,8 @@ from .models.joint_regressor import bin_centres, depth_to_unit
 
 # Names that are logged but never summed into the objective.
 MONITOR_PREFIXES = ("acc_", "scale_")
+# Terms a weight can name (besides clip_<axis>); the models' parameter_terms speak of the same names.
+TERMS = ("joints_coarse", "joints", "verts", "stages", "heatmap", "clip")
 
 
 def point_error(pred: torch.Tensor, target: torch.Tensor, kind: str = "l1") -> torch.Tensor:
@@ -78,6 +80,11 @@ class CLIPHand3DLoss(nn.Module):
                 raise ValueError(f"{key}={v} must be > 0 (depth_range follows model.depth_range; heatmap_sigma "
                                  f"is a Gaussian width in [0, 1] units, e.g. 0.04)")
         self.weights = {k: float(v) for k, v in dict(weights).items()}
+        # a misspelt weight would otherwise be ignored, leaving the term it meant at its default
+        known = TERMS + tuple(f"clip_{a}" for a in getattr(contrastive, "axes", ("x", "y", "z")))
+        unknown = [k for k in self.weights if k not in known]
+        if unknown:
+            raise ValueError(f"loss.weights.{unknown[0]} is not a loss term; choose from {list(known)}")
         self.kind = kind
         point_error(torch.zeros(1, 1, 3), torch.zeros(1, 1, 3), kind)  # fail on a bad kind at build time
         self.contrastive = contrastive if self.weights.get("clip", 0.0) > 0 or any(
@@ -86,6 +93,10 @@ class CLIPHand3DLoss(nn.Module):
     @property
     def uses_text(self) -> bool:
         return self.contrastive is not None
+
+    def weighs(self, term: str) -> bool:
+        """Whether `term` enters the objective (a zero weight drops it, see `weighted_total`)."""
+        return weight_for(term, self.weights) != 0.0
 
     def forward(self, outputs: dict, batch: dict, text_feats: Mapping[str, torch.Tensor] | None = None) -> dict:
         target = batch["joints_uvd"]

@@ -5,6 +5,7 @@ schedule, periodic and best checkpoints, `resume=auto`, TensorBoard.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -20,8 +21,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from . import dist, metrics
 from .build import (adopt_init_config, build_criterion, build_datasets, build_model, build_prompts, build_template,
                     build_text, checkpoint_config, load_init_weights)
-from .checkpoint import (capture_rng_state, compare_configs, config_to_container, find_resume_checkpoint,
-                         load_checkpoint, load_model_weights, restore_rng_state, save_checkpoint)
+from .checkpoint import (capture_rng_state, compare_configs, config_to_container, config_value,
+                         find_resume_checkpoint, load_checkpoint, load_model_weights, restore_rng_state,
+                         save_checkpoint)
 from .data.sampler import ResumableSampler
 from .ema import ModelEMA
 from .engine import NonFiniteLossError, TrainState, autocast_for, predict, train_one_epoch, unwrap
@@ -150,6 +152,86 @@ def rank_weight_checksums(module: torch.nn.Module) -> list[float]:
     return sums
 
 
+class SampleRecorder:
+    """trainer.record_samples (debugging data order): one JSON line per optimiser step,
+    {"step", "epoch", "index": the dataset indices this rank trained on}, appended to `path`. A resumed
+    run appends again from its checkpoint on, so the last line of a step is the one that counts."""
+
+    def __init__(self, path: Path):
+        self.path, self.pending = path, None
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def wrap(self, loader):
+        for batch in loader:
+            self.pending = batch["meta"]["index"].tolist()
+            yield batch
+
+    def commit(self, state: TrainState) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": state.step, "epoch": state.epoch, "index": self.pending}) + "\n")
+
+
+def check_gradients(module: torch.nn.Module) -> bool:
+    """After a backward pass: False if no parameter has a gradient yet (nothing to judge), True if every
+    trainable one has; else stop naming those without one. DDP would fail at the next step with a
+    hint to find_unused_parameters, which would hide the defect and cost every step."""
+    missing = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
+    trainable = sum(p.requires_grad for p in module.parameters())
+    if len(missing) == trainable:
+        return False
+    if missing:
+        raise RuntimeError(f"trainable parameters got no gradient: {missing[:10]}{' ...' if len(missing) > 10 else ''}; "
+                           "TrainingModule.parameter_terms / CLIPHand3D.parameter_terms must name the loss terms "
+                           "that train them, so that they are frozen when those terms weigh 0")
+    return True
+
+
+# --------------------------------------------------------------------------- resume
+# Config keys a resume may change: they decide where a run lives and how it is watched, validated and
+# checkpointed, never the weights it computes (an item is a function of (seed, epoch, index) whichever
+# worker loads it; validation and checkpoints draw from no training RNG). Everything else must match,
+# keys added later included: optim.*, seed, and trainer.batch_size (the position counts batches),
+# epochs / max_steps (the warm-up + cosine schedule spans the total, so a new total changes the learning
+# rate from the resume on), amp, grad_clip, ema_decay, monitor (best_metric holds its values).
+RESUME_MAY_CHANGE = (
+    "name", "run_dir", "resume",                      # where the run lives, how it was started
+    "logger",                                         # TensorBoard, log frequency
+    "trainer.device", "trainer.dist_backend",         # another machine (float results may differ slightly)
+    "trainer.num_workers", "trainer.val_batch_size", "trainer.val_every_steps", "trainer.val_every_epochs",
+    "trainer.ckpt_every_steps", "trainer.save_init", "trainer.record_samples",
+)
+
+
+def resume_mismatches(saved: dict, cfg: dict, *, world_size: int, batch_size: int) -> list[str]:
+    """What keeps `saved` (a checkpoint) from continuing exactly as this run (config `cfg`, a plain
+    dict), one 'key: saved X, now Y' line each; empty when it can."""
+    saved_cfg = saved.get("config") or {}
+    keys = compare_configs(saved_cfg, cfg, keys=None, ignore=RESUME_MAY_CHANGE)
+    lines = [f"{k}: saved {config_value(saved_cfg, k)!r}, now {config_value(cfg, k)!r}" for k in keys]
+    ts = saved.get("train_state") or {}
+    missing = [k for k in ("world_size", "batch_size") if k not in ts]
+    if missing:
+        lines.append(f"train_state has no {' / '.join(missing)}: the checkpoint predates recording them, so its "
+                     "data position (counted in batches) cannot be checked; finish that run with the cliphand3d "
+                     "version that wrote it")
+    else:
+        if ts["world_size"] != world_size:
+            lines.append(f"world size (processes): saved {ts['world_size']}, now {world_size}")
+        if ts["batch_size"] != batch_size and "trainer.batch_size" not in keys:
+            lines.append(f"batch size per process: saved {ts['batch_size']}, now {batch_size}")
+    return lines
+
+
+def check_resumable(saved: dict, cfg: DictConfig, path: Path, *, world_size: int, batch_size: int) -> None:
+    lines = resume_mismatches(saved, config_to_container(cfg), world_size=world_size, batch_size=batch_size)
+    if lines:
+        raise SystemExit(
+            f"cannot resume from {path} exactly; it differs from this run at:\n" + "".join(f"  {x}\n" for x in lines)
+            + f"  fix: resume with the saved values (the run's config.yaml beside {path.parent.name}/ holds them) "
+            "on the same number of processes, or start a new run with name=<new name>. May differ: "
+            + ", ".join(RESUME_MAY_CHANGE))
+
+
 # --------------------------------------------------------------------------- the run
 def train(cfg: DictConfig) -> dict:
     """Train as configured; returns the last validation metrics (and writes them to the run dir)."""
@@ -171,23 +253,21 @@ def _train(cfg: DictConfig, rank: int, world: int, local_rank: int) -> dict:
     if resume_path is None and (ckpt_dir / "last.pt").is_file() and main:
         raise SystemExit(f"{ckpt_dir / 'last.pt'} exists: this run folder already holds a run.\n"
                          f"  fix: resume=auto to continue it, or name=<new name> (or run_dir=...) for a new run")
-    seed_everything(int(cfg.seed))
     # init_from: start from another checkpoint's weights (e.g. the imported released network), with its
     # architecture; a resumed run keeps the same adopted config, so the resume check still holds
     init = load_checkpoint(Path(str(cfg.init_from)).expanduser()) if cfg.get("init_from") else None
     if init is not None:
         cfg = adopt_init_config(cfg, checkpoint_config(init, str(cfg.init_from)), _cli_overrides())
+    saved = load_checkpoint(resume_path) if resume_path is not None else None
+    bs = int(tcfg.batch_size)
+    if saved is not None:
+        check_resumable(saved, cfg, resume_path, world_size=world, batch_size=bs)
+    seed_everything(int(cfg.seed))
 
     prompts = build_prompts(cfg)
     sets = build_datasets(cfg, prompts, splits=("train", "val"))  # never test: it must not choose best.pt
     train_set, val_set = sets["train"], sets["val"]
-    saved = load_checkpoint(resume_path) if resume_path is not None else None
     if saved is not None:
-        diffs = compare_configs(saved.get("config", {}), config_to_container(cfg),
-                                keys=("model", "data", "text", "prompt", "loss", "model_template"))
-        if diffs:
-            raise SystemExit(f"cannot resume from {resume_path}: the config differs at {diffs}.\n"
-                             "  fix: run with the saved settings, or start a new run with name=<new name>")
         template = template_from_state(saved["template"])
     elif init is not None:
         template = template_from_state(init["template"])
@@ -196,18 +276,16 @@ def _train(cfg: DictConfig, rank: int, world: int, local_rank: int) -> dict:
     model = build_model(cfg, template)
     encoder, adapters = build_text(cfg)
     criterion = build_criterion(cfg)
-    if not criterion.uses_text:
-        # Without the contrastive term nothing trains the pose-feature heads; freezing them keeps DDP
-        # from waiting for gradients that never come.
-        for p in model.pose_heads.parameters():
-            p.requires_grad_(False)
-    module = TrainingModule(model, criterion, encoder, adapters).to(device)
+    module = TrainingModule(model, criterion, encoder, adapters).to(device)  # freezes what weighs 0
     if init is not None and saved is None:
         fresh = load_init_weights(module, init, str(cfg.init_from))
         if main:
             log.info("init_from %s: model weights loaded; training heads not in it (start fresh): %s",
                      cfg.init_from, fresh or "none")
     init = None
+    if main and module.frozen:
+        log.info("frozen, as only zero-weighted loss terms train them: %d parameter tensors (%s)",
+                 len(module.frozen), ", ".join(sorted({n.rsplit(".", 2)[0] for n in module.frozen})))
     if world > 1:
         module = torch.nn.parallel.DistributedDataParallel(
             module, device_ids=[local_rank] if device.type == "cuda" else None)
@@ -215,7 +293,6 @@ def _train(cfg: DictConfig, rank: int, world: int, local_rank: int) -> dict:
     ocfg = cfg.optim
     optimizer = build_optimizer(module, lr=ocfg.lr, weight_decay=ocfg.weight_decay, betas=ocfg.betas,
                                 backbone_lr_mult=ocfg.backbone_lr_mult)
-    bs = int(tcfg.batch_size)
     sampler = ResumableSampler(len(train_set), shuffle=True, seed=int(cfg.seed), rank=rank, world_size=world,
                                batch_size=bs, drop_last=True)
     steps_per_epoch = sampler.batches_per_epoch()
@@ -229,7 +306,7 @@ def _train(cfg: DictConfig, rank: int, world: int, local_rank: int) -> dict:
                                            min_lr_ratio=ocfg.min_lr_ratio))
     _, scaler = autocast_for(device, tcfg.amp)
     ema = ModelEMA(unwrap(module).model, decay=float(tcfg.ema_decay)) if tcfg.get("ema_decay") else None
-    state = TrainState()
+    state = TrainState(world_size=world, batch_size=bs)
 
     if saved is not None:
         load_model_weights(unwrap(module).model, saved["model"], str(resume_path))
@@ -262,6 +339,8 @@ def _train(cfg: DictConfig, rank: int, world: int, local_rank: int) -> dict:
     def checkpoint(name: str) -> None:
         if not main:
             return
+        # from the position, not counted per step: a batch skipped for its gradients is consumed too
+        state.samples_seen = (state.epoch * steps_per_epoch + state.batch_in_epoch) * bs * world
         inner = unwrap(module)
         save_checkpoint(ckpt_dir / name, {
             "model": inner.model.state_dict(),
@@ -277,7 +356,15 @@ def _train(cfg: DictConfig, rank: int, world: int, local_rank: int) -> dict:
             "protocol": getattr(train_set, "protocol", "freihand"),
         })
 
+    recorder = SampleRecorder(run_dir / "samples" / f"rank{rank}.jsonl") if tcfg.get("record_samples") else None
+    grads_checked = False
+
     def on_step(st: TrainState) -> None:
+        nonlocal grads_checked
+        if recorder is not None:
+            recorder.commit(st)
+        if not grads_checked:
+            grads_checked = check_gradients(unwrap(module))
         every = tcfg.get("val_every_steps")
         if every and st.step % int(every) == 0 and st.step < total_steps:
             run_validation()
@@ -315,6 +402,8 @@ def _train(cfg: DictConfig, rank: int, world: int, local_rank: int) -> dict:
             train_set.set_epoch(state.epoch)
             loader = make_loader(train_set, batch_size=bs, sampler=sampler, drop_last=True,
                                  num_workers=int(tcfg.num_workers), device=device)
+            if recorder is not None:
+                loader = recorder.wrap(loader)
             train_one_epoch(module, loader, optimizer, scheduler, state, device=device, total_steps=total_steps,
                             amp=tcfg.amp, scaler=scaler, grad_clip=tcfg.grad_clip, ema=ema,
                             log=logger.scalar, log_every=int(cfg.logger.log_every), on_step=on_step,
@@ -324,6 +413,8 @@ def _train(cfg: DictConfig, rank: int, world: int, local_rank: int) -> dict:
                 last_metrics = run_validation()
                 checkpoint("last.pt")
 
+    if tcfg.get("save_init") and state.step == 0:
+        checkpoint("init.pt")  # DDP has broadcast rank 0's initial weights: what every rank starts from
     progress = logger.progress(total=total_steps, initial=state.step)
     t_start = time.perf_counter()
     last_metrics: dict = {}
@@ -342,12 +433,13 @@ def _train(cfg: DictConfig, rank: int, world: int, local_rank: int) -> dict:
         last_metrics = {k: v for k, v in state.history[-1].items() if k != "step"}
     checkpoint("last.pt")
     checksums = rank_weight_checksums(unwrap(module))
-    if main:
+    if main:  # (the final checkpoint above set samples_seen)
         wall = time.perf_counter() - t_start
-        summary = {"steps": state.step, "wall_s": round(wall, 1), "best_step": state.best_step,
+        summary = {"steps": state.step, "samples_seen": state.samples_seen, "wall_s": round(wall, 1),
+                   "best_step": state.best_step,
                    "best": state.best_metric, "last": last_metrics, "world_size": world,
                    "rank_weight_checksums": checksums}
-        (run_dir / "train_summary.json").write_text(__import__("json").dumps(summary, indent=2))
+        (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         log.info("done: %d steps in %.0f s; best %s=%.4g at step %d; checkpoints in %s", state.step, wall,
                  cfg.trainer.monitor, state.best_metric, state.best_step, ckpt_dir)
     logger.close()

@@ -207,7 +207,7 @@ def test_eval_without_ground_truth_writes_the_submission(placements):
     xyz, verts = np.asarray(pred[0]), np.asarray(pred[1])
     gt_xyz = np.asarray(json.loads((root / "evaluation_xyz.json").read_text()))
     gt_verts = np.asarray(json.loads((root / "evaluation_verts.json").read_text()))
-    assert xyz.shape == gt_xyz.shape == (10, 21, 3) and verts.shape == gt_verts.shape
+    assert xyz.shape == gt_xyz.shape == (N_EVAL, 21, 3) and verts.shape == gt_verts.shape
     # the same file a labelled run writes when told to place predictions without labels: same images, K
     # and scale (evaluation_scale.json there, |xyz9 - xyz10| of the labels here), in dataset order
     est = json.loads((out / "est" / "pred.json").read_text())
@@ -219,7 +219,7 @@ def test_eval_without_ground_truth_writes_the_submission(placements):
     scale = np.asarray(json.loads((root / "evaluation_scale.json").read_text()))
     np.testing.assert_allclose(np.linalg.norm(xyz[:, 9] - xyz[:, 10], axis=-1), scale, rtol=1e-5)
     m = json.loads((out / "nogt" / "metrics.json").read_text())
-    assert m["placement"] == "estimated" and m["num_samples"] == 10 and "pa_mpjpe_mm" not in m
+    assert m["placement"] == "estimated" and m["num_samples"] == N_EVAL and "pa_mpjpe_mm" not in m
     assert not (out / "nogt" / "table.md").exists()
 
 
@@ -256,13 +256,17 @@ def test_a_right_root_depth_ratio_leaves_every_aligned_figure_unchanged():
 def test_estimated_placement_on_a_trained_model_changes_unaligned_figures_far_more(placements):
     """Measured on the tiny checkpoint (3 steps: its uvd is poor, and the root depth estimated from it is
     several times too far). Aligned figures move only through the perspective of that wrong root-depth
-    ratio: 0.6% for PA-MPJPE here; the unaligned ones carry the whole placement error (2.5x for MPJPE)."""
+    ratio: a few percent; the unaligned ones carry the whole placement error (about 1.4x for MPJPE)."""
     _, out, _ = placements
     g = json.loads((out / "gt" / "metrics.json").read_text())
     e = json.loads((out / "est" / "metrics.json").read_text())
     assert (g["placement"], e["placement"]) == ("gt", "estimated")
-    for k in ALIGNED:
+    # mean aligned errors move by a few percent; the F-scores, counts at a 5 / 15 mm threshold, move more
+    # (measured on 64 images: PA-MPJPE +1.7%, AUC-PA -2.8%, F@5 -21%, F@15 -8%)
+    for k in ("pa_mpjpe_mm", "auc_pa_0_50", "pa_mpvpe_mm"):
         assert e[k] == pytest.approx(g[k], rel=0.05), k
+    for k in ("f5", "f15"):
+        assert e[k] == pytest.approx(g[k], rel=0.3), k
     for k in ("mpjpe_mm", "kp_error_mm", "mpvpe_mm", "verts_error_mm"):
         assert abs(e[k] - g[k]) > 0.25 * g[k], k
     # both rows of the table placed the same way: the baseline too, from its own mean pose
@@ -311,7 +315,7 @@ def test_mean_pose_baseline_from_labels_equals_the_image_based_one_freihand(fixt
     from cliphand3d.evaluate import training_mean_uvd
 
     root = fixture_dir("fh_base", write_freihand, num_train=8, num_eval=1, seed=5, versions=2)
-    ds = freihand.FreiHAND(root, split="train", versions=(0, 1), img_size=64, crop=crop,
+    ds = freihand.FreiHAND(root, split="train", versions=(0, 1), img_size=64, crop=crop, val_fraction=0,
                            augment=CropAugment(color_jitter=0.2))  # every random draw the items make
     indices = [0, 2, 4, 6, 9, 11, 13, 15]  # 8 of 16, evenly spaced over both versions
     old = _item_mean(ds, indices)
@@ -334,7 +338,7 @@ def test_mean_pose_baseline_from_labels_equals_the_image_based_one_rhd_and_synth
     from cliphand3d.evaluate import training_mean_uvd
 
     ds = rhd.RHD(fixture_dir("rhd_base", write_rhd, num_train=6, num_eval=1, seed=2), split="train", img_size=64,
-                 augment=CropAugment())
+                 val_fraction=0, augment=CropAugment())
     assert {ds.load_raw(i).extra["side"] for i in range(6)} == {"left", "right"}  # both mirror paths
     old = _item_mean(ds, range(6))
     _no_rgb(monkeypatch, rhd)

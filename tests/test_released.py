@@ -336,8 +336,8 @@ def test_eval_runs_the_imported_checkpoint_end_to_end(imported, tmp_path):
     assert xyz.shape == (5, 21, 3) and verts.shape == (5, 778, 3)
 
     model = model_from_checkpoint(imported["out"], overrides=["model.coord_units=unit"])
-    cfg = checkpoint_config(load_checkpoint(imported["out"]), "imported", [f"data.val.root={root}"])
-    data = build_datasets(cfg, None, splits=("val",))["val"]
+    cfg = checkpoint_config(load_checkpoint(imported["out"]), "imported", [f"data.test.root={root}"])
+    data = build_datasets(cfg, None, splits=("test",))["test"]  # eval.py's default split
     items = [data[i] for i in range(len(data))]
     batch = {k: torch.stack([it[k] for it in items]) for k in ("image", "K", "root_depth", "bone")}
     with torch.no_grad():  # one batch of 5 (< 32), as eval.py's default batch for this preset
@@ -368,7 +368,7 @@ def test_fine_tuning_starts_from_the_imported_weights(imported, tmp_path):
 
     from cliphand3d.data.writers import write_freihand
 
-    root = write_freihand(tmp_path / "fh", num_train=2, num_eval=2, seed=2, versions=1)
+    root = write_freihand(tmp_path / "fh", num_train=3, num_eval=2, seed=2, versions=1)  # 1 hand held out for val
     run = tmp_path / "run"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     res = subprocess.run(

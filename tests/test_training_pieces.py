@@ -52,3 +52,90 @@ def test_cli_finds_our_error_under_a_wrapper():
         found = _user_error(outer)
     assert isinstance(found, DatasetError) and "fix:" in str(found)
     assert _user_error(KeyError("x")) is None  # anything else keeps its traceback
+
+
+def _composed(*overrides):
+    from hydra import compose, initialize_config_dir
+    from pathlib import Path
+
+    from cliphand3d.checkpoint import config_to_container
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        return config_to_container(compose(config_name="train", overrides=["run_dir=/tmp/x", *overrides]))
+
+
+def test_resume_refuses_what_changes_the_data_position_or_the_optimisation():
+    from cliphand3d.checkpoint import config_value
+    from cliphand3d.trainer import RESUME_MAY_CHANGE, resume_mismatches
+
+    cfg = _composed()
+    # every key a resume may change is a real key (a typo would let nothing through silently)
+    assert all(config_value(cfg, k) != "<absent>" for k in RESUME_MAY_CHANGE)
+    saved = {"config": cfg, "train_state": {"step": 7, "batch_in_epoch": 7, "world_size": 2, "batch_size": 32}}
+    check = lambda c, world=2, bs=32: resume_mismatches(saved, c, world_size=world, batch_size=bs)  # noqa: E731
+    assert check(cfg) == []
+    allowed = _composed("trainer.num_workers=0", "trainer.val_every_steps=50", "trainer.ckpt_every_steps=7",
+                        "logger.log_every=5", "logger.tensorboard=false", "name=other", "trainer.device=cpu")
+    assert check(allowed) == []
+    assert check(cfg, world=1) == ["world size (processes): saved 2, now 1"]
+    # the batch size is named once, from the config
+    assert check(_composed("trainer.batch_size=16"), bs=16) == ["trainer.batch_size: saved 32, now 16"]
+    changed = _composed("optim.lr=0.01", "trainer.max_steps=1000", "seed=3", "trainer.ema_decay=0.9",
+                        "trainer.monitor=mpjpe_mm", "trainer.num_workers=0")
+    lines = check(changed)
+    assert "data.train.seed: saved 0, now 3" in lines  # the training stream follows seed
+    assert [x for x in lines if not x.startswith("data.")] == [
+        "optim.lr: saved 0.001, now 0.01", "seed: saved 0, now 3", "trainer.ema_decay: saved None, now 0.9",
+        "trainer.max_steps: saved 900, now 1000", "trainer.monitor: saved 'pa_mpjpe_mm', now 'mpjpe_mm'"]
+    # a checkpoint from before the position was qualified cannot be checked: refused, saying why
+    old = {"config": cfg, "train_state": {"step": 7, "batch_in_epoch": 7}}
+    (line,) = resume_mismatches(old, cfg, world_size=2, batch_size=32)
+    assert "world_size / batch_size" in line and "predates" in line
+
+
+def test_an_item_does_not_depend_on_the_worker_that_loads_it():
+    """Why trainer.num_workers may change on resume: mid-epoch batches are the same with 0 or 1 workers."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from cliphand3d.data.synthetic import SyntheticHands
+    from cliphand3d.data.transforms import CropAugment
+
+    ds = SyntheticHands(length=12, seed=1, img_size=32, num_verts=200, augment=CropAugment())
+    ds.set_epoch(2)
+    batches = []
+    for workers in (0, 1):
+        sampler = ResumableSampler(len(ds), seed=5, batch_size=3)
+        sampler.set_epoch(2, start_batch=1)
+        batches.append(list(DataLoader(ds, batch_size=3, sampler=sampler, num_workers=workers,
+                                       generator=torch.Generator().manual_seed(workers))))
+    assert len(batches[0]) == len(batches[1]) == 3
+    for a, b in zip(*batches):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["joints_uvd"], b["joints_uvd"])
+        assert torch.equal(a["meta"]["index"], b["meta"]["index"])
+
+
+def test_validation_draws_from_no_training_rng():
+    """Why trainer.val_every_steps / val_every_epochs may change on resume: validating (with a loader
+    worker) leaves every RNG the training steps draw from as it was."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from cliphand3d.data.synthetic import SyntheticHands
+    from cliphand3d.models.cliphand3d import CLIPHand3D
+    from cliphand3d.models.template import joints_only_template
+    from cliphand3d.trainer import make_loader, validate
+
+    ds = SyntheticHands(length=8, seed=1, img_size=64, num_verts=200)  # no augmentation
+    model = CLIPHand3D(template=joints_only_template(ds.all_labels()[0]), img_size=64, backbone="resnet18",
+                       deconv_channels=16, depth_bins=16, joint_feature_hidden=16, token_dim=32,
+                       widths=(32, 16, 16, 8, 8), blocks_per_stage=1, heads=2, embed_dim=32)
+    loader = make_loader(ds, batch_size=4, num_workers=1, device=torch.device("cpu"))
+    before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+    res, _ = validate(model, loader, torch.device("cpu"), "freihand")
+    assert np.isfinite(res["pa_mpjpe_mm"])
+    after = (random.getstate(), np.random.get_state()[1], torch.get_rng_state())
+    assert before[0] == after[0] and np.array_equal(before[1], after[1]) and torch.equal(before[2], after[2])

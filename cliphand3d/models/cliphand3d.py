@@ -115,6 +115,34 @@ class CLIPHand3D(nn.Module):
             out["pose_feats"] = self.pose_heads(jr["logits"])
         return out
 
+    def parameter_terms(self) -> dict[str, tuple[str, ...]]:
+        """Parameter-name prefix -> the loss terms (cliphand3d.losses) whose gradient reaches it; the
+        longest prefix that matches a parameter's name applies. Training freezes what only zero-weighted
+        terms reach (TrainingModule), so DDP never waits for a gradient that cannot come.
+
+        Read off `forward`: the heatmap joints reach the mesh regressor only detached, so F4 (layer4) and
+        the joint regressor learn from the heatmap terms and the pose heads alone; deconv feeds x and y
+        only; an intermediate stage's head serves only deep supervision, the last stage only the final
+        joints and vertices (the latter exist only with a mesh template).
+        """
+        heat = ("joints_coarse", "heatmap")
+        clip = {a: (f"clip_{a}",) if a in self.axes else () for a in ("x", "y", "z")}
+        final = ("joints",) if self.regressor.joints_only else ("joints", "verts")
+        inter = ("stages",) if self.regressor.num_levels > 1 else ()
+        last = self.regressor.num_levels - 1
+        all_clip = clip["x"] + clip["y"] + clip["z"]
+        return {
+            "backbone": heat + all_clip + final + inter,
+            "backbone.layer4": heat + all_clip,
+            "joint_regressor.deconv": heat + clip["x"] + clip["y"],
+            **{f"joint_regressor.head_{a}": heat + clip[a] for a in ("x", "y", "z")},
+            **{f"pose_heads.proj.{a}": (f"clip_{a}",) for a in self.axes},
+            "joint_features": final + inter,
+            "regressor": final + inter,
+            f"regressor.stages.{last}": final,
+            **{f"regressor.stages.{l}.head": inter for l in range(last)},
+        }
+
     @torch.no_grad()
     def predict_xyz(self, images: torch.Tensor, K: torch.Tensor, root_depth: torch.Tensor,
                     bone: torch.Tensor) -> dict:

@@ -20,6 +20,39 @@ class TrainingModule(nn.Module):
                              "set text=... or turn the term off with loss.weights.clip=0")
         self.text_encoder = text_encoder if use_text else None
         self.adapters = adapters if use_text else None
+        self.frozen = self._freeze_untrained()
+
+    def parameter_terms(self) -> dict[str, tuple[str, ...]]:
+        """Parameter-name prefix -> the loss terms that train it: the model's map plus the text side
+        (each axis's adapter and logit scale serve only that axis's contrastive term)."""
+        terms = {f"model.{k}": v for k, v in self.model.parameter_terms().items()}
+        if self.adapters is not None:
+            terms.update({f"adapters.heads.{a}": (f"clip_{a}",) for a in self.adapters.axes})
+        contrastive = getattr(self.criterion, "contrastive", None)
+        if contrastive is not None:
+            terms.update({f"criterion.contrastive.logit_scale.{a}": (f"clip_{a}",) for a in contrastive.axes})
+        return terms
+
+    def _freeze_untrained(self) -> list[str]:
+        """Freeze every trainable parameter that only zero-weighted terms reach; returns their names.
+
+        Why: DDP (without find_unused_parameters, which would cost every step) waits for a gradient
+        of every trainable parameter and fails on the next step when one never comes.
+        """
+        terms = self.parameter_terms()
+        frozen = []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            owners = [k for k in terms if name == k or name.startswith(k + ".")]
+            if not owners:
+                raise ValueError(f"parameter {name} has no entry in parameter_terms() (the model's "
+                                 "CLIPHand3D.parameter_terms or TrainingModule.parameter_terms): add the loss "
+                                 "terms whose gradient reaches it, so a zero weight can freeze it")
+            if not any(self.criterion.weighs(t) for t in terms[max(owners, key=len)]):
+                p.requires_grad_(False)
+                frozen.append(name)
+        return frozen
 
     def forward(self, batch: dict):
         use_text = self.text_encoder is not None
