@@ -323,7 +323,7 @@ def test_eval_runs_the_imported_checkpoint_end_to_end(imported, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     root = tmp_path / "fh"
     subprocess.run([sys.executable, str(REPO / "scripts" / "make_synthetic.py"), "format=freihand", f"out={root}",
-                    "num_train=2", "num_eval=5", "versions=1", "seed=1"], check=True, env=env, timeout=300,
+                    "num_train=2", "num_eval=5", "seed=1"], check=True, env=env, timeout=300,
                    capture_output=True)
     res = subprocess.run([sys.executable, str(REPO / "scripts" / "eval.py"), f"ckpt={imported['out']}", "data=freihand",
                           f"data.root={root}", f"out_dir={tmp_path / 'eval'}", "model.coord_units=unit",
@@ -421,3 +421,52 @@ def test_import_script_reports_bad_input_without_a_traceback(tmp_path):
     res = subprocess.run([sys.executable, script, "src=only.pth.tar"], capture_output=True, text=True, env=env,
                          timeout=300)
     assert res.returncode != 0 and "usage: python scripts/import_checkpoint.py src=" in res.stderr
+
+
+RELEASED_OPTIONS = dict(z_head="bn_relu_mix", coord_units="unit", bin_offset=0.0, heat_grid="integer",
+                        joint_feature_conv_bias=True, joint_tokens="flatten", joint_feature_hidden=21,
+                        cue_maps="per_stage", cue_padding="zeros", cue_placement="after", block="clip",
+                        stage_head="linear", attention_over="batch", joints_from="xyz", uv_pixel_offset=0.0)
+
+
+@pytest.mark.parametrize("zeroed", [{}, {"stages": 0.0}, {"clip_z": 0.0}, {"joints_coarse": 0.0, "heatmap": 0.0},
+                                    {"joints_coarse": 0.0, "heatmap": 0.0, "clip": 0.0}, {"joints": 0.0, "verts": 0.0}],
+                         ids=lambda z: ",".join(f"{k}={v}" for k, v in z.items()) or "default")
+def test_released_options_keep_the_zero_weight_invariant(zeroed):
+    """test_zero_weights' invariant for a small network with every released option on: after one
+    forward/backward each trainable parameter has a gradient, and the frozen ones are exactly those
+    without one when nothing is frozen (parameter_terms knows the released z head and F4 cues)."""
+    from test_zero_weights import DEFAULT, IMG, TOWER, without_gradient
+    from torch.utils.data import DataLoader
+
+    from cliphand3d.data.prompts import PromptGenerator
+    from cliphand3d.data.synthetic import SyntheticHands
+    from cliphand3d.data.transforms import CropAugment
+    from cliphand3d.losses import CLIPHand3DLoss
+    from cliphand3d.models.cliphand3d import CLIPHand3D
+    from cliphand3d.models.contrastive import PerAxisContrastiveLoss
+    from cliphand3d.models.template import build_template
+    from cliphand3d.models.text_adapter import AxisAdapters
+    from cliphand3d.models.text_encoder import TextEncoder
+    from cliphand3d.models.training import TrainingModule
+
+    ds = SyntheticHands(length=4, seed=3, img_size=IMG, num_verts=200, augment=CropAugment(),
+                        prompts=PromptGenerator(num_joints=5))
+    xyz, verts = ds.all_labels()
+    batch = next(iter(DataLoader(ds, batch_size=4)))
+    torch.manual_seed(0)
+    model = CLIPHand3D(template=build_template(verts, xyz, levels=(40, 80, 120)), img_size=IMG, backbone="resnet18",
+                       deconv_channels=16, depth_bins=16, token_dim=32, widths=(32, 16, 16, 8, 8),
+                       blocks_per_stage=1, heads=2, embed_dim=32, **RELEASED_OPTIONS)
+    criterion = CLIPHand3DLoss(weights={**DEFAULT, **zeroed}, contrastive=PerAxisContrastiveLoss())
+    text = criterion.uses_text
+    adapters = AxisAdapters(embed_dim=32, kind="batch_attention", hidden=128, heads=2, block="clip")
+    module = TrainingModule(model, criterion, TextEncoder(tower=TOWER, embed_dim=32) if text else None,
+                            adapters if text else None).train()
+    frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
+    assert without_gradient(module, batch) == set()
+    tower = {n for n in frozen if n.startswith("text_encoder.")}
+    for n, p in module.named_parameters():
+        if n in frozen - tower:
+            p.requires_grad_(True)
+    assert without_gradient(module, batch) == frozen - tower

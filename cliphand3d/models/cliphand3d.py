@@ -131,11 +131,15 @@ class CLIPHand3D(nn.Module):
         inter = ("stages",) if self.regressor.num_levels > 1 else ()
         last = self.regressor.num_levels - 1
         all_clip = clip["x"] + clip["y"] + clip["z"]
+        # per-stage cues (the released network) sample F4 too, so the mesh terms reach layer4
+        f4_mesh = final + inter if self.per_stage_cues else ()
         return {
             "backbone": heat + all_clip + final + inter,
-            "backbone.layer4": heat + all_clip,
+            "backbone.layer4": heat + all_clip + f4_mesh,
             "joint_regressor.deconv": heat + clip["x"] + clip["y"],
             **{f"joint_regressor.head_{a}": heat + clip[a] for a in ("x", "y", "z")},
+            # the released z head's BatchNorm and joint mixing (z_head=bn_relu_mix)
+            **{f"joint_regressor.head_z_{m}": heat + clip["z"] for m in ("bn", "mix")},
             **{f"pose_heads.proj.{a}": (f"clip_{a}",) for a in self.axes},
             "joint_features": final + inter,
             "regressor": final + inter,
