@@ -303,6 +303,15 @@ def protocol_pck_curve(protocol: str, pred_xyz, gt_xyz, visible=None) -> tuple[n
     return pck_curve(np.linalg.norm(procrustes_align(p, g) - g, axis=-1), lo=lo, hi=hi, steps=steps)
 
 
+# Metrics where a larger value is better; every other key (errors in mm) is lower-is-better.
+HIGHER_IS_BETTER_PREFIXES = ("auc_", "f5", "f15", "retrieval_")
+
+
+def higher_is_better(name: str) -> bool:
+    """Direction of a metric key, for choosing best.pt by `trainer.monitor`."""
+    return str(name).startswith(HIGHER_IS_BETTER_PREFIXES)
+
+
 def evaluate(protocol: str, pred_xyz, gt_xyz, pred_verts=None, gt_verts=None, visible=None) -> dict[str, float]:
     """Dispatch to the protocol's metrics: 'freihand' | 'synthetic' (FreiHAND protocol) | 'rhd'."""
     if protocol not in PROTOCOLS:

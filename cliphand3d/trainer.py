@@ -134,6 +134,14 @@ class TextBranch:
             self.adapters.train(was)
 
 
+def improves(monitor: str, value: float, state: TrainState) -> bool:
+    """Does this validation beat the best so far? AUCs, F-scores and retrieval rise, errors fall; the
+    first finite value always counts (best_metric starts at inf)."""
+    if state.best_step < 0:
+        return math.isfinite(value)
+    return value > state.best_metric if metrics.higher_is_better(monitor) else value < state.best_metric
+
+
 def rank_weight_checksums(module: torch.nn.Module) -> list[float]:
     """One float64 checksum of the trainable weights per rank, gathered on every rank: DDP replicas
     must agree exactly, and a mismatch is logged (it means ranks trained different models)."""
@@ -199,6 +207,7 @@ RESUME_MAY_CHANGE = (
     "trainer.device", "trainer.dist_backend",         # another machine (float results may differ slightly)
     "trainer.num_workers", "trainer.val_batch_size", "trainer.val_every_steps", "trainer.val_every_epochs",
     "trainer.ckpt_every_steps", "trainer.save_init", "trainer.record_samples",
+    "trainer.max_nonfinite_steps",                    # only decides when a failing run stops
 )
 
 
@@ -384,7 +393,7 @@ def _train(cfg: DictConfig, rank: int, world: int, local_rank: int) -> dict:
             if monitor not in res:
                 raise KeyError(f"trainer.monitor={monitor!r} is not a validation metric; choose from {sorted(res)}")
             state.history.append({"step": state.step, **res})
-            if res[monitor] < state.best_metric:
+            if improves(monitor, float(res[monitor]), state):
                 state.best_metric, state.best_step = float(res[monitor]), state.step
                 checkpoint("best.pt")
             log.info("step %d | %s", state.step, " ".join(f"{k}={v:.4g}" for k, v in res.items()))

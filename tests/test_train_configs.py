@@ -143,3 +143,28 @@ def test_non_finite_gradients_are_skipped_then_stop_the_run_and_last_pt_stays_th
     assert on_disk["train_state"]["step"] == 3 and max(written) == 3
     assert all(torch.isfinite(v).all() for v in on_disk["model"].values() if v.is_floating_point())
     assert all(torch.equal(on_disk["model"][k], written[3][k]) for k in written[3])
+
+
+@pytest.mark.parametrize("monitor", ["auc_pa_0_50", "pa_mpjpe_mm"])
+def test_best_pt_follows_the_monitor_direction(monitor, tmp_path):
+    """best.pt keeps the highest AUC / F-score / retrieval and the lowest error."""
+    import json
+
+    from cliphand3d.checkpoint import load_checkpoint
+    from cliphand3d.metrics import higher_is_better
+
+    cfg = compose_train([*TINY, "data.num_train=8", "data.num_val=8", "data.num_verts=200",
+                         "model_template.build.levels=[40,80,120]", "trainer.max_steps=4",
+                         "trainer.val_every_steps=1", "optim.lr=1e-2", f"trainer.monitor={monitor}",
+                         f"run_dir={tmp_path}"])
+    train(cfg)
+    history = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["train_state"]["history"]
+    values = {h["step"]: h[monitor] for h in history}
+    assert len(set(values.values())) > 1  # the choice is not decided by a tie
+    pick = max if higher_is_better(monitor) else min
+    want = pick(values, key=lambda s: (values[s], -s) if pick is max else (values[s], s))
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["best_step"] == want and summary["best"] == values[want]
+    assert load_checkpoint(tmp_path / "checkpoints" / "best.pt")["train_state"]["step"] == want
+    assert higher_is_better("auc_pa_0_50") and higher_is_better("f5") and higher_is_better("retrieval_x")
+    assert not higher_is_better("pa_mpjpe_mm") and not higher_is_better("epe_median_mm")
