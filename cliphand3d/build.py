@@ -105,3 +105,91 @@ def build_model(cfg: DictConfig, template: MeshTemplate | dict):
 
 def build_criterion(cfg: DictConfig):
     return instantiate(cfg.loss, _convert_="all")
+
+
+def checkpoint_config(ckpt: dict, where: str, overrides=()) -> DictConfig:
+    """A checkpoint's stored config with `overrides` ("model.coord_units=unit", ...) applied."""
+    from .checkpoint import CheckpointError
+
+    if "config" not in ckpt or "model" not in ckpt:
+        raise CheckpointError(f"{where} is not a cliphand3d checkpoint (no 'config'/'model' entries); pass a "
+                              "last.pt / best.pt written by scripts/train.py or a file written by "
+                              "scripts/import_checkpoint.py")
+    cfg = OmegaConf.create(ckpt["config"])
+    absent = object()
+    for item in overrides:
+        key, sep, value = str(item).partition("=")
+        add, key = key.startswith("+"), key.lstrip("+")
+        if not sep or not key:
+            raise ValueError(f"override {item!r}: expected key=value, e.g. model.coord_units=unit")
+        if not add and OmegaConf.select(cfg, key, default=absent) is absent:
+            raise ValueError(f"override {item!r}: the config stored in {where} has no key {key!r}; "
+                             f"write +{key}={value} to add it")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))
+    return cfg
+
+
+def model_from_checkpoint(path, overrides=(), device="cpu", use_ema: bool = True):
+    """An eval-mode model from any cliphand3d checkpoint (trained or imported), its config's model
+    keys overridden by `overrides` (e.g. ["model.coord_units=unit"]); EMA weights when present."""
+    return load_model(path, overrides, device, use_ema)[0]
+
+
+def load_model(path, overrides=(), device="cpu", use_ema: bool = True):
+    """(eval-mode model, config used, checkpoint dict): model_from_checkpoint for callers that need more."""
+    import torch
+
+    from .checkpoint import load_checkpoint, load_model_weights
+    from .trainer import template_from_state
+
+    ckpt = load_checkpoint(path)
+    cfg = checkpoint_config(ckpt, str(path), overrides)
+    built = cfg.copy()
+    if "pretrained" in built.model:  # the checkpoint brings every weight: never fetch ImageNet ones
+        built.model.pretrained = None
+    model = build_model(built, template_from_state(ckpt["template"]))
+    weights = ckpt["model"]
+    if use_ema and ckpt.get("ema") and "module" in ckpt["ema"]:
+        weights = ckpt["ema"]["module"]
+    load_model_weights(model, weights, str(path))
+    return model.to(torch.device(device)).eval(), cfg, ckpt
+
+
+# ----------------------------------------------------------------------------- init_from (fine-tuning)
+INIT_ADOPTED = ("model", "text.adapters")  # config the weights fix; command-line overrides of them still win
+
+
+def adopt_init_config(cfg: DictConfig, init_cfg, cli_overrides=()) -> DictConfig:
+    """cfg with the architecture of the checkpoint it starts from (`init_from`): its `model` group and
+    text adapters replace the composed ones, then the command line's model.* / text.adapters.* overrides
+    are applied again (e.g. model.attention_over=nodes). The weights bring everything: no pretrained fetch."""
+    cfg = cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    init_cfg = OmegaConf.create(init_cfg)
+    for key in INIT_ADOPTED:
+        node = OmegaConf.select(init_cfg, key)
+        if node is not None:
+            OmegaConf.update(cfg, key, node, merge=False, force_add=True)
+    mine = [o.lstrip("+") for o in cli_overrides if o.lstrip("+").startswith(tuple(f"{k}." for k in INIT_ADOPTED))]
+    if mine:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(mine))
+    if "pretrained" in cfg.model:
+        cfg.model.pretrained = None
+    saved_size = OmegaConf.select(init_cfg, "data.img_size")
+    if saved_size is not None and int(saved_size) != int(cfg.data.img_size):
+        raise ValueError(f"init_from: the checkpoint's model was built for data.img_size={saved_size}, this run "
+                         f"has data.img_size={cfg.data.img_size}; set data.img_size={saved_size}")
+    return cfg
+
+
+def load_init_weights(module, ckpt: dict, where: str) -> list[str]:
+    """Model weights (strict, listing every difference) and the training heads the checkpoint has
+    (adapters, logit scales) into a TrainingModule; returns the heads that start fresh."""
+    from .checkpoint import load_model_weights
+
+    load_model_weights(module.model, ckpt["model"], where)
+    own = {k: v for k, v in module.state_dict().items() if not k.startswith("model.")}
+    heads = {k: v for k, v in ckpt.get("train_heads", {}).items()
+             if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    module.load_state_dict(heads, strict=False)
+    return sorted(k for k in own if k not in heads)

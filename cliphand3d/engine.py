@@ -262,10 +262,15 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, *, text_br
         out = model(batch["image"], pose_features=text_branch is not None)
         S = batch["image"].shape[-1]
         K = batch["K"]
-        root, bone, extra = _placement(out["joints"].float(), batch, S, placement)
+        root, bone, extra = _placement(out["joints"].float(), batch, S, placement,
+                                       getattr(model, "uv_pixel_offset", 0.5))
         for k, v in extra.items():
             add(k, v)
-        add("pred_xyz", uvd_to_xyz(out["joints"].float(), K, S, root, bone))
+        # the model owns its uvd -> xyz step (e.g. where J acts, model.joints_from)
+        to_xyz = getattr(model, "outputs_to_xyz", None)
+        xyz = to_xyz({k: out[k].float() if out.get(k) is not None else None for k in ("joints", "verts")},
+                     K, root, bone, img_size=S) if to_xyz is not None else None
+        add("pred_xyz", xyz["joints_xyz"] if xyz else uvd_to_xyz(out["joints"].float(), K, S, root, bone))
         if "joints_xyz" in batch:
             add("gt_xyz", batch["joints_xyz"])
         add("pred_uvd", out["joints"])
@@ -274,7 +279,7 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, *, text_br
         add("bone", bone)
         # vertices where they can be scored, and always without labels (the submission file wants them)
         if out.get("verts") is not None and ("verts_xyz" in batch or "joints_xyz" not in batch):
-            add("pred_verts", uvd_to_xyz(out["verts"].float(), K, S, root, bone))
+            add("pred_verts", xyz["verts_xyz"] if xyz else uvd_to_xyz(out["verts"].float(), K, S, root, bone))
             if "verts_xyz" in batch:
                 add("gt_verts", batch["verts_xyz"])
         if "visible" in batch:
@@ -292,7 +297,7 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, *, text_br
     return result
 
 
-def _placement(uvd: torch.Tensor, batch: dict, img_size: int, placement: str):
+def _placement(uvd: torch.Tensor, batch: dict, img_size: int, placement: str, pixel_offset: float = 0.5):
     """(root_depth, bone, extra outputs) that turn this batch's uvd into metres (see `predict`)."""
     labelled = "root_depth" in batch
     if placement == "gt" or (placement == "auto" and labelled):
@@ -308,5 +313,5 @@ def _placement(uvd: torch.Tensor, batch: dict, img_size: int, placement: str):
     else:
         raise ValueError("placement='estimated' needs each item's metric scale (item['scale'], FreiHAND's "
                          "*_scale.json) or its labels; this dataset provides neither")
-    root, bone, exact = root_and_bone_from_uvd(uvd, batch["K"], img_size, scale)
+    root, bone, exact = root_and_bone_from_uvd(uvd, batch["K"], img_size, scale, pixel_offset)
     return root, bone, {"scale": scale, "placement_exact": exact}

@@ -15,8 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import metrics
-from .build import build_datasets, build_model, build_prompts, check_split
-from .checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from .build import build_datasets, build_prompts, check_split, load_model
 from .data.base import DatasetError
 from .engine import PLACEMENTS, predict
 from .geometry import root_and_bone_from_uvd, uvd_to_xyz
@@ -29,11 +28,18 @@ TABLE_KEYS = ("pa_mpjpe_mm", "mpjpe_mm", "auc_pa_0_50", "pa_mpvpe_mm", "f5", "f1
               "epe_mean_mm", "epe_median_mm", "auc_20_50", "auc_0_50")
 
 
-def saved_config(ckpt: dict, where: str) -> DictConfig:
-    if "config" not in ckpt or "model" not in ckpt:
-        raise CheckpointError(f"{where} is not a cliphand3d training checkpoint (no 'config'/'model' entries); "
-                              "pass a last.pt / best.pt written by scripts/train.py")
-    return OmegaConf.create(ckpt["config"])
+def model_overrides(cfg: DictConfig) -> list[str]:
+    """eval.yaml's non-null `model.*` entries as overrides of the checkpoint's model config."""
+    return [f"+model.{k}={v}" for k, v in (cfg.get("model") or {}).items() if v is not None]
+
+
+def eval_batch_size(cfg: DictConfig, model) -> int:
+    """batch_size=auto: 64, or 32 for a model whose outputs depend on its batch-mates (the released
+    network's attention over the batch, model.attention_over=batch): the batches its figure came from."""
+    if str(cfg.batch_size) != "auto":
+        return int(cfg.batch_size)
+    batch_attention = any(getattr(s, "attention_over", "nodes") == "batch" for s in model.regressor.stages)
+    return 32 if batch_attention else 64
 
 
 def eval_config(cfg: DictConfig, saved: DictConfig) -> DictConfig:
@@ -129,21 +135,13 @@ def write_pred_json(path: Path, pred_xyz: np.ndarray, pred_verts: np.ndarray | N
 def run_eval(cfg: DictConfig) -> dict:
     split = check_split(cfg.split)  # before any time is spent on the checkpoint
     ckpt_path = Path(cfg.ckpt).expanduser()
-    ckpt = load_checkpoint(ckpt_path)
-    saved = saved_config(ckpt, str(ckpt_path))
-    run = eval_config(cfg, saved)
     device = pick_device(cfg.device, 0)
+    model, saved, ckpt = load_model(ckpt_path, model_overrides(cfg), device, use_ema=bool(cfg.use_ema))
+    run = eval_config(cfg, saved)
     template = template_from_state(ckpt["template"])
     placement = str(cfg.placement)
     if placement not in PLACEMENTS:
         raise ValueError(f"placement={placement!r} is not one of {PLACEMENTS} (eval.py placement=...)")
-
-    model = build_model(run, template)
-    weights = ckpt["model"]
-    if cfg.use_ema and ckpt.get("ema"):
-        weights = ckpt["ema"]["module"] if "module" in ckpt["ema"] else weights
-    load_model_weights(model, weights, str(ckpt_path))
-    model.to(device).eval()
 
     text_branch = _text_branch(run, ckpt, device) if _has_adapters(ckpt) else None
     dataset = _eval_dataset(run, split, bool(cfg.require_gt), build_prompts(run) if text_branch is not None else None)
@@ -154,7 +152,8 @@ def run_eval(cfg: DictConfig) -> dict:
             raise DatasetError(f"placement=gt places predictions at the true root depth and bone, and the {split} "
                                f"split has no ground truth here.\n  fix: {dataset.labels_hint()}; or use "
                                "placement=estimated")
-    loader = make_loader(dataset, batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers), device=device)
+    loader = make_loader(dataset, batch_size=eval_batch_size(cfg, model), num_workers=int(cfg.num_workers),
+                         device=device)
     preds = predict(model, loader, device, text_branch=text_branch, placement=placement)
     order = np.argsort(preds["index"], kind="stable")
     preds = {k: (np.asarray(v)[order] if not k.startswith("prompt_") else [v[i] for i in order])

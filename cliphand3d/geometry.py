@@ -56,20 +56,24 @@ def points_to_uvd(xyz, K, img_size: int, root_depth, bone):
     return np.concatenate([uv, d[..., None]], -1)
 
 
-def uvd_to_xyz(uvd, K, img_size: int, root_depth, bone):
-    """Inverse of `points_to_uvd`, given the crop intrinsics, root depth and bone (the demo protocol)."""
+def uvd_to_xyz(uvd, K, img_size: int, root_depth, bone, pixel_offset: float = 0.5):
+    """Inverse of `points_to_uvd`, given the crop intrinsics, root depth and bone (the demo protocol).
+
+    pixel_offset: pixel = u * S - pixel_offset; 0.5 is the project's convention (u spans the pixel
+    edges), 0 the released network's (pixel = u * 256, docs/released.md).
+    """
     z = uvd[..., 2] * bone[..., None] + root_depth[..., None]
-    return _uvd_rays(uvd, K, img_size) * z[..., None]
+    return _uvd_rays(uvd, K, img_size, pixel_offset) * z[..., None]
 
 
-def _uvd_rays(uvd, K, img_size: int):
+def _uvd_rays(uvd, K, img_size: int, pixel_offset: float = 0.5):
     """Camera rays through the uvd pixels, scaled to unit depth: a point at depth z is z * ray."""
-    uv = uvd[..., :2] * img_size - 0.5
+    uv = uvd[..., :2] * img_size - pixel_offset
     ones = torch.ones_like(uv[..., 0]) if isinstance(uv, torch.Tensor) else np.ones_like(uv[..., 0])
     return backproject(uv, ones, K)
 
 
-def root_and_bone_from_uvd(uvd, K, img_size: int, scale):
+def root_and_bone_from_uvd(uvd, K, img_size: int, scale, pixel_offset: float = 0.5):
     """Root depth and bone (metres) that place normalised uvd joints without ground truth.
 
     uvd (..., 21, 3), K (..., 3, 3) crop intrinsics, scale (...) the metric length of SCALE_BONE
@@ -86,7 +90,7 @@ def root_and_bone_from_uvd(uvd, K, img_size: int, scale):
     uvd_t = torch.as_tensor(np.asarray(uvd) if as_numpy else uvd).double()
     K_t = torch.as_tensor(np.asarray(K) if as_numpy else K).to(uvd_t)
     scale_t = torch.as_tensor(np.asarray(scale) if as_numpy else scale).to(uvd_t)
-    rays, d = _uvd_rays(uvd_t, K_t, img_size), uvd_t[..., 2]
+    rays, d = _uvd_rays(uvd_t, K_t, img_size, pixel_offset), uvd_t[..., 2]
     i, j = REF_BONE
     a = rays[..., i, :] - rays[..., j, :]
     b = d[..., i, None] * rays[..., i, :] - d[..., j, None] * rays[..., j, :]

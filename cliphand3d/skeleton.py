@@ -46,6 +46,11 @@ RHD_EVAL_BONE: tuple[int, int] = (MPII_TO_RHD[12], MPII_TO_RHD[11])
 
 RHD_NUM_KEYPOINTS = 42  # 0-20 left hand, 21-41 right hand
 
+# MANO's joint order (the released CLIP-Hand3D network's J_Reg rows): 0 wrist; 1-3 index, 4-6 middle,
+# 7-9 little, 10-12 ring, 13-15 thumb (each base -> DIP/IP); then the tips of index, middle, little,
+# ring, thumb (16-20). MANO_TO_MPII[i] is the MANO index of MPII joint i: mpii = mano[MANO_TO_MPII].
+MANO_TO_MPII: tuple[int, ...] = (0, 13, 14, 15, 20, 1, 2, 3, 16, 4, 5, 6, 17, 10, 11, 12, 19, 7, 8, 9, 18)
+
 
 def rhd_to_mpii(joints):
     """(..., 21, C) in RHD per-hand order -> MPII order. Works on numpy arrays and torch tensors."""

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import dist, metrics
-from .build import build_criterion, build_datasets, build_model, build_prompts, build_template, build_text
+from .build import (adopt_init_config, build_criterion, build_datasets, build_model, build_prompts, build_template,
+                    build_text, checkpoint_config, load_init_weights)
 from .checkpoint import (capture_rng_state, compare_configs, config_to_container, config_value,
                          find_resume_checkpoint, load_checkpoint, load_model_weights, restore_rng_state,
                          save_checkpoint)
@@ -59,6 +60,16 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_rati
 
 
 # --------------------------------------------------------------------------- devices
+def _cli_overrides() -> list[str]:
+    """The command line's overrides (they still win over an init_from checkpoint's architecture)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # train() called without Hydra's runtime (tests, notebooks)
+        return []
+
+
 def pick_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -251,6 +262,11 @@ def _train(cfg: DictConfig, rank: int, world: int, local_rank: int) -> dict:
     if resume_path is None and (ckpt_dir / "last.pt").is_file() and main:
         raise SystemExit(f"{ckpt_dir / 'last.pt'} exists: this run folder already holds a run.\n"
                          f"  fix: resume=auto to continue it, or name=<new name> (or run_dir=...) for a new run")
+    # init_from: start from another checkpoint's weights (e.g. the imported released network), with its
+    # architecture; a resumed run keeps the same adopted config, so the resume check still holds
+    init = load_checkpoint(Path(str(cfg.init_from)).expanduser()) if cfg.get("init_from") else None
+    if init is not None:
+        cfg = adopt_init_config(cfg, checkpoint_config(init, str(cfg.init_from)), _cli_overrides())
     saved = load_checkpoint(resume_path) if resume_path is not None else None
     bs = int(tcfg.batch_size)
     if saved is not None:
@@ -262,12 +278,20 @@ def _train(cfg: DictConfig, rank: int, world: int, local_rank: int) -> dict:
     train_set, val_set = sets["train"], sets["val"]
     if saved is not None:
         template = template_from_state(saved["template"])
+    elif init is not None:
+        template = template_from_state(init["template"])
     else:
         template = build_template(cfg, train_set)
     model = build_model(cfg, template)
     encoder, adapters = build_text(cfg)
     criterion = build_criterion(cfg)
     module = TrainingModule(model, criterion, encoder, adapters).to(device)  # freezes what weighs 0
+    if init is not None and saved is None:
+        fresh = load_init_weights(module, init, str(cfg.init_from))
+        if main:
+            log.info("init_from %s: model weights loaded; training heads not in it (start fresh): %s",
+                     cfg.init_from, fresh or "none")
+    init = None
     if main and module.frozen:
         log.info("frozen, as only zero-weighted loss terms train them: %d parameter tensors (%s)",
                  len(module.frozen), ", ".join(sorted({n.rsplit(".", 2)[0] for n in module.frozen})))

@@ -3,6 +3,13 @@
 `model(images)` is the inference path: image -> joints (and vertices) in normalised uvd. It never
 touches text; the pose-aware features that the contrastive loss aligns with text are computed only
 when asked for (`pose_features=True`, training).
+
+The keywords after `axes` are named choices of the module that owns each one (JointRegressor,
+JointFeatures, CoarseToFineRegressor); their defaults are this project's design and
+configs/model/released.yaml sets them to the authors' released network (docs/released.md).
+joints_from: where J acts at evaluation, "uvd" (J @ uvd vertices, then back-projection) or "xyz"
+(back-project the vertices, then J @ metric vertices, as the released evaluation does).
+uv_pixel_offset: pixel = u * S - offset when back-projecting (0.5 ours, 0 released).
 """
 from __future__ import annotations
 
@@ -17,6 +24,8 @@ from .joint_features import JointFeatures
 from .joint_regressor import JointRegressor, PoseFeatureHeads, unit_to_depth
 from .regressor import CoarseToFineRegressor
 from .template import MeshTemplate
+
+JOINTS_FROM = ("uvd", "xyz")
 
 
 class CLIPHand3D(nn.Module):
@@ -40,35 +49,63 @@ class CLIPHand3D(nn.Module):
         heads: int = 4,
         embed_dim: int = 512,
         axes: Sequence[str] = ("x", "y", "z"),
+        z_head: str = "linear",
+        coord_units: str = "unit",
+        bin_offset: float = 0.5,
+        heat_grid: str = "centres",
+        joint_feature_conv_bias: bool = False,
+        joint_tokens: str = "pool",
+        cue_maps: str = "pyramid",
+        cue_padding: str = "border",
+        cue_placement: str = "before",
+        block: str = "torch",
+        mlp_ratio: int = 4,
+        stage_head: str = "norm_linear",
+        attention_over: str = "nodes",
+        joints_from: str = "uvd",
+        uv_pixel_offset: float = 0.5,
     ):
         super().__init__()
+        if joints_from not in JOINTS_FROM:
+            raise ValueError(f"model.joints_from={joints_from!r} is unknown; choose from {list(JOINTS_FROM)}")
+        self.joints_from, self.uv_pixel_offset = joints_from, float(uv_pixel_offset)
         self.img_size = int(img_size)
         self.depth_range = float(depth_range)
         self.axes = tuple(axes)
         self.backbone = ResNetBackbone(name=backbone, pretrained=pretrained)
         ch = self.backbone.channels
         self.joint_regressor = JointRegressor(in_channels=ch[4], deconv_channels=deconv_channels,
-                                              num_deconv=num_deconv, depth_bins=depth_bins)
+                                              num_deconv=num_deconv, depth_bins=depth_bins, z_head=z_head,
+                                              coord_units=coord_units, bin_offset=bin_offset)
         bins = self.joint_regressor.bins(self.img_size)
         self.pose_heads = PoseFeatureHeads(bins={a: bins[a] for a in self.axes}, embed_dim=embed_dim,
                                            axes=self.axes)
         self.joint_features = JointFeatures(in_channels=ch[0], depth_bins=depth_bins, sigma=joint_feature_sigma,
                                             hidden=joint_feature_hidden, out_dim=token_dim,
-                                            impl=joint_feature_impl)
+                                            impl=joint_feature_impl, heat_grid=heat_grid,
+                                            conv_bias=joint_feature_conv_bias, tokens=joint_tokens,
+                                            map_size=-(-self.img_size // 4))  # F0 side: stride 4, rounded up
+        self.per_stage_cues = cue_maps == "per_stage"
+        cue_channels = (ch[4], ch[3], ch[2], ch[1]) if self.per_stage_cues else (ch[3], ch[2], ch[1])
         self.regressor = CoarseToFineRegressor(template=template, token_dim=token_dim, widths=tuple(widths),
-                                               cue_channels=(ch[3], ch[2], ch[1]),
-                                               blocks_per_stage=blocks_per_stage, heads=heads)
+                                               cue_channels=cue_channels,
+                                               blocks_per_stage=blocks_per_stage, heads=heads,
+                                               cue_maps=cue_maps, cue_padding=cue_padding,
+                                               cue_placement=cue_placement, block=block, mlp_ratio=mlp_ratio,
+                                               head=stage_head, attention_over=attention_over)
 
     def forward(self, images: torch.Tensor, pose_features: bool = False) -> dict:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"CLIPHand3D expects images of shape (B, 3, S, S), got {tuple(images.shape)}")
         f0, f1, f2, f3, f4 = self.backbone(images)
         jr = self.joint_regressor(f4)
-        uvz = jr["uvz"]
-        coarse = torch.cat([uvz[..., :2], unit_to_depth(uvz[..., 2:], self.depth_range)], -1)
+        uvz, unit = jr["uvz"], jr["uvz_unit"]
+        coarse = torch.cat([unit[..., :2], unit_to_depth(unit[..., 2:], self.depth_range)], -1)
         # The heat volume carries no gradient (DESIGN 1.7); the regressor learns from its own losses.
+        # Volume and cues read the soft-argmax in its configured units (model.coord_units).
         tokens = self.joint_features(uvz.detach(), f0)
-        mesh = self.regressor(tokens, [f3, f2, f1], uvz[..., :2].detach())
+        feats = [f4, f3, f2, f1] if self.per_stage_cues else [f3, f2, f1]
+        mesh = self.regressor(tokens, feats, uvz[..., :2].detach())
         verts = None if self.regressor.joints_only else mesh["verts"]
         out = {"joints_coarse": coarse, "joints": mesh["joints"], "verts": verts,
                "stages": mesh["stages"][:-1], "logits": jr["logits"],
@@ -94,11 +131,15 @@ class CLIPHand3D(nn.Module):
         inter = ("stages",) if self.regressor.num_levels > 1 else ()
         last = self.regressor.num_levels - 1
         all_clip = clip["x"] + clip["y"] + clip["z"]
+        # per-stage cues (the released network) sample F4 too, so the mesh terms reach layer4
+        f4_mesh = final + inter if self.per_stage_cues else ()
         return {
             "backbone": heat + all_clip + final + inter,
-            "backbone.layer4": heat + all_clip,
+            "backbone.layer4": heat + all_clip + f4_mesh,
             "joint_regressor.deconv": heat + clip["x"] + clip["y"],
             **{f"joint_regressor.head_{a}": heat + clip[a] for a in ("x", "y", "z")},
+            # the released z head's BatchNorm and joint mixing (z_head=bn_relu_mix)
+            **{f"joint_regressor.head_z_{m}": heat + clip["z"] for m in ("bn", "mix")},
             **{f"pose_heads.proj.{a}": (f"clip_{a}",) for a in self.axes},
             "joint_features": final + inter,
             "regressor": final + inter,
@@ -111,8 +152,18 @@ class CLIPHand3D(nn.Module):
                     bone: torch.Tensor) -> dict:
         """Camera-frame joints (and vertices) in metres, with the ground-truth root depth and bone
         (the demo's evaluation protocol, DESIGN 1.10)."""
-        out = self.forward(images)
-        res = {"joints_xyz": uvd_to_xyz(out["joints"], K, self.img_size, root_depth, bone)}
+        return self.outputs_to_xyz(self.forward(images), K, root_depth, bone)
+
+    def outputs_to_xyz(self, out: dict, K: torch.Tensor, root_depth: torch.Tensor, bone: torch.Tensor,
+                       img_size: int | None = None) -> dict:
+        """forward()'s uvd outputs -> {"joints_xyz" (B, 21, 3) MPII order, "verts_xyz" (B, N, 3) when
+        there is a mesh}, camera frame, metres; J acts where `joints_from` says."""
+        S = self.img_size if img_size is None else int(img_size)
+        res = {}
         if out["verts"] is not None:
-            res["verts_xyz"] = uvd_to_xyz(out["verts"], K, self.img_size, root_depth, bone)
+            res["verts_xyz"] = uvd_to_xyz(out["verts"], K, S, root_depth, bone, self.uv_pixel_offset)
+        if self.joints_from == "xyz" and out["verts"] is not None:
+            res["joints_xyz"] = self.regressor.J.to(res["verts_xyz"].dtype) @ res["verts_xyz"]
+        else:
+            res["joints_xyz"] = uvd_to_xyz(out["joints"], K, S, root_depth, bone, self.uv_pixel_offset)
         return res

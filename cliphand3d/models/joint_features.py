@@ -16,15 +16,22 @@ import torch.nn.functional as F
 from torch import nn
 
 IMPLS = ("factorized", "naive")
+# Where a joint at c lands on the n cells: "centres" at c * n - 0.5 (cell i's centre is (i + 0.5) / n,
+# the project's convention); "integer" at c * n, the released network's grid (docs/released.md).
+HEAT_GRIDS = {"centres": 0.5, "integer": 0.0}
+# Per-joint tokens: "pool" = each joint's Gaussian-weighted mean of the `hidden` maps, then Linear
+# (hidden -> out_dim); "flatten" = the released network's one map per joint (hidden = num_joints),
+# flattened and Linear(H*W -> out_dim).
+TOKENS = ("pool", "flatten")
 
 
-def gaussian_1d(centres: torch.Tensor, n: int, sigma: float) -> torch.Tensor:
+def gaussian_1d(centres: torch.Tensor, n: int, sigma: float, offset: float = 0.5) -> torch.Tensor:
     """(...,) positions in [0, 1] -> (..., n) unnormalised Gaussians (peak 1) over n cells.
 
-    Cell i has its centre at (i + 0.5) / n; sigma is in cells.
+    Cell i has its centre at (i + offset) / n (HEAT_GRIDS); sigma is in cells.
     """
     idx = torch.arange(n, device=centres.device, dtype=centres.dtype)
-    return torch.exp(-(idx - (centres[..., None] * n - 0.5)) ** 2 / (2.0 * sigma ** 2))
+    return torch.exp(-(idx - (centres[..., None] * n - offset)) ** 2 / (2.0 * sigma ** 2))
 
 
 def heat_volume(uvz: torch.Tensor, depth_bins: int, height: int, width: int,
@@ -55,22 +62,36 @@ def separable_volume_conv(weight: torch.Tensor, gx: torch.Tensor, gy: torch.Tens
 
 
 class JointFeatures(nn.Module):
-    """(uvz (B, J, 3) in [0, 1]^3, F0 (B, C, H, W)) -> per-joint tokens F_J (B, J, out_dim)."""
+    """(uvz (B, J, 3) in [0, 1]^3, F0 (B, C, H, W)) -> per-joint tokens F_J (B, J, out_dim).
+
+    heat_grid (HEAT_GRIDS), conv_bias, tokens (TOKENS) and map_size (F0's side, for
+    tokens="flatten") select the released network's variants; the defaults are the project's.
+    """
 
     def __init__(self, in_channels: int, num_joints: int = 21, depth_bins: int = 64,
                  sigma: float = 2.5, hidden: int = 256, out_dim: int = 512,
-                 impl: str = "factorized"):
+                 impl: str = "factorized", heat_grid: str = "centres", conv_bias: bool = False,
+                 tokens: str = "pool", map_size: int | None = None):
         super().__init__()
         if impl not in IMPLS:
             raise ValueError(f"JointFeatures impl={impl!r}; choose one of {IMPLS}")
+        if heat_grid not in HEAT_GRIDS:
+            raise ValueError(f"model.heat_grid={heat_grid!r} is unknown; choose from {list(HEAT_GRIDS)}")
+        if tokens not in TOKENS:
+            raise ValueError(f"model.joint_tokens={tokens!r} is unknown; choose from {list(TOKENS)}")
+        if tokens == "flatten" and (hidden != num_joints or not map_size):
+            raise ValueError(f"model.joint_tokens=flatten keeps one map per joint: it needs "
+                             f"model.joint_feature_hidden={num_joints} (got {hidden}) and the F0 map size "
+                             f"(got {map_size})")
         self.in_channels, self.num_joints, self.depth_bins = in_channels, num_joints, depth_bins
         self.sigma, self.impl = float(sigma), impl
+        self.grid_offset, self.tokens, self.map_size = HEAT_GRIDS[heat_grid], tokens, map_size
         # Input channels: F0 first, then the volume as channel j * D + d.
-        self.conv1 = nn.Conv2d(in_channels + num_joints * depth_bins, hidden, 3, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels + num_joints * depth_bins, hidden, 3, padding=1, bias=conv_bias)
         self.bn1 = nn.BatchNorm2d(hidden)
-        self.conv2 = nn.Conv2d(hidden, hidden, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(hidden, hidden, 3, padding=1, bias=conv_bias)
         self.bn2 = nn.BatchNorm2d(hidden)
-        self.proj = nn.Linear(hidden, out_dim)
+        self.proj = nn.Linear(hidden if tokens == "pool" else map_size * map_size, out_dim)
 
     def forward(self, uvz: torch.Tensor, f0: torch.Tensor, impl: str | None = None) -> torch.Tensor:
         impl = impl or self.impl
@@ -81,17 +102,22 @@ class JointFeatures(nn.Module):
         # result is cast: in bf16 the centres would sit on a 0.25-0.5 cell grid.
         uvz = uvz.detach().float()
         h, w = f0.shape[-2:]
-        gx, gy, gz = (gaussian_1d(uvz[..., k], n, self.sigma).to(f0.dtype)
+        gx, gy, gz = (gaussian_1d(uvz[..., k], n, self.sigma, self.grid_offset).to(f0.dtype)
                       for k, n in enumerate((w, h, self.depth_bins)))
         c = self.in_channels
         if impl == "naive":
             vol = gz[..., :, None, None] * gy[..., None, :, None] * gx[..., None, None, :]
             x = self.conv1(torch.cat([f0, vol.flatten(1, 2)], dim=1))
         else:
-            x = (F.conv2d(f0, self.conv1.weight[:, :c], padding=1)
+            x = (F.conv2d(f0, self.conv1.weight[:, :c], self.conv1.bias, padding=1)
                  + separable_volume_conv(self.conv1.weight[:, c:], gx, gy, gz))
         x = F.relu(self.bn1(x))
         x = F.relu(self.bn2(self.conv2(x)))
+        if self.tokens == "flatten":
+            if (h, w) != (self.map_size, self.map_size):
+                raise ValueError(f"JointFeatures: joint_tokens=flatten was built for {self.map_size}^2 F0 maps, "
+                                 f"got {h}x{w}; the crop size (data.img_size) must match the model's")
+            return self.proj(x.flatten(2))
         return self.proj(self._pool(x, uvz))
 
     def _pool(self, feat: torch.Tensor, uvz: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 AXES = ("x", "y", "z")
+# Soft-argmax output convention: "unit" divides the expected bin position by the bin count (DESIGN
+# 1.4); "bins" returns it in bins, as the authors' released code does (docs/released.md).
+COORD_UNITS = ("unit", "bins")
+# z head: "linear" (pooled F4 -> Linear); "bn_relu_mix", the released network's (Linear, BatchNorm1d,
+# ReLU, then a 1x1 convolution that mixes the 21 joints' depth logits).
+Z_HEADS = ("linear", "bn_relu_mix")
 
 
 def bin_centres(n: int, like: torch.Tensor) -> torch.Tensor:
@@ -20,9 +26,17 @@ def bin_centres(n: int, like: torch.Tensor) -> torch.Tensor:
     return (torch.arange(n, device=like.device, dtype=like.dtype) + 0.5) / n
 
 
-def soft_argmax_1d(logits: torch.Tensor) -> torch.Tensor:
-    """(..., n) logits -> (...,) expected bin centre in [0, 1] (`bin_centres`)."""
-    return (F.softmax(logits, dim=-1) * bin_centres(logits.shape[-1], logits)).sum(-1)
+def soft_argmax_1d(logits: torch.Tensor, units: str = "unit", offset: float = 0.5) -> torch.Tensor:
+    """(..., n) logits -> (...,) expected bin position, bin i sitting at i + offset bins.
+
+    units="unit" divides by n: with offset 0.5 that is the bin centre in [0, 1] (`bin_centres`);
+    offset 0 is the released network's integer bin index.
+    """
+    n = logits.shape[-1]
+    pos = torch.arange(n, device=logits.device, dtype=logits.dtype) + offset
+    if units == "unit":
+        pos = pos / n
+    return (F.softmax(logits, dim=-1) * pos).sum(-1)
 
 
 def depth_to_unit(d, depth_range: float):
@@ -40,14 +54,22 @@ class JointRegressor(nn.Module):
 
     x/y: `num_deconv` stride-2 deconvolutions lift F4 (stride 32) to stride 32 / 2**num_deconv,
     the map is averaged over the other image axis and a 1x1 conv1d gives per-joint 1D logits.
-    z: globally pooled F4 -> Linear -> per-joint depth logits over `depth_bins`.
+    z: globally pooled F4 -> Linear -> per-joint depth logits over `depth_bins` (z_head, Z_HEADS).
+    coord_units / bin_offset: the soft-argmax convention (COORD_UNITS, `soft_argmax_1d`); "uvz" is
+    in that convention and "uvz_unit" always in [0, 1] units (the same tensor for "unit").
     """
 
     def __init__(self, in_channels: int, num_joints: int = 21, deconv_channels: int = 256,
-                 num_deconv: int = 2, depth_bins: int = 64):
+                 num_deconv: int = 2, depth_bins: int = 64, z_head: str = "linear",
+                 coord_units: str = "unit", bin_offset: float = 0.5):
         super().__init__()
+        if z_head not in Z_HEADS:
+            raise ValueError(f"model.z_head={z_head!r} is unknown; choose from {list(Z_HEADS)}")
+        if coord_units not in COORD_UNITS:
+            raise ValueError(f"model.coord_units={coord_units!r} is unknown; choose from {list(COORD_UNITS)}")
         self.in_channels, self.num_joints, self.depth_bins = in_channels, num_joints, depth_bins
         self.num_deconv = num_deconv
+        self.z_head, self.coord_units, self.bin_offset = z_head, coord_units, float(bin_offset)
         layers: list[nn.Module] = []
         c = in_channels
         for _ in range(num_deconv):
@@ -59,6 +81,9 @@ class JointRegressor(nn.Module):
         self.head_x = nn.Conv1d(c, num_joints, kernel_size=1)
         self.head_y = nn.Conv1d(c, num_joints, kernel_size=1)
         self.head_z = nn.Linear(in_channels, num_joints * depth_bins)
+        if z_head == "bn_relu_mix":
+            self.head_z_bn = nn.BatchNorm1d(num_joints * depth_bins)
+            self.head_z_mix = nn.Conv1d(num_joints, num_joints, kernel_size=1)
 
     def bins(self, image_size: int) -> dict[str, int]:
         """Heatmap lengths per axis for a square `image_size` input (feeds PoseFeatureHeads)."""
@@ -73,10 +98,19 @@ class JointRegressor(nn.Module):
         logits = {
             "x": self.head_x(up.mean(dim=2)),
             "y": self.head_y(up.mean(dim=3)),
-            "z": self.head_z(f4.mean(dim=(2, 3))).view(-1, self.num_joints, self.depth_bins),
+            "z": self._z_logits(f4),
         }
-        uvz = torch.stack([soft_argmax_1d(logits[a]) for a in AXES], dim=-1)
-        return {"uvz": uvz, "logits": logits}
+        uvz = torch.stack([soft_argmax_1d(logits[a], self.coord_units, self.bin_offset) for a in AXES], dim=-1)
+        if self.coord_units == "unit":
+            return {"uvz": uvz, "uvz_unit": uvz, "logits": logits}
+        n = torch.tensor([logits[a].shape[-1] for a in AXES], device=uvz.device, dtype=uvz.dtype)
+        return {"uvz": uvz, "uvz_unit": uvz / n, "logits": logits}
+
+    def _z_logits(self, f4: torch.Tensor) -> torch.Tensor:
+        z = self.head_z(f4.mean(dim=(2, 3)))
+        if self.z_head == "bn_relu_mix":
+            z = self.head_z_mix(F.relu(self.head_z_bn(z)).view(-1, self.num_joints, self.depth_bins))
+        return z.view(-1, self.num_joints, self.depth_bins)
 
 
 class PoseFeatureHeads(nn.Module):

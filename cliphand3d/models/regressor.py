@@ -26,10 +26,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..skeleton import NUM_JOINTS
+from .blocks import ClipResidualBlock
 from .template import MeshTemplate
 
+# Named choices (defaults first: the project's design; the others reproduce the authors' released
+# network, docs/released.md).
+CUE_MAPS = ("pyramid", "per_stage")      # F3+F2+F1 (+uv) at every stage | F4, F3, F2, F1, one per stage
+CUE_PADDINGS = ("border", "zeros")       # grid_sample padding for joints off the crop
+CUE_PLACEMENTS = ("before", "after")     # cues added before the transformer blocks | after them
+BLOCKS = ("torch", "clip")               # nn.TransformerEncoderLayer (GELU, MLP 2x) | CLIP's block
+HEADS = ("norm_linear", "linear")        # per-stage output head: LayerNorm + Linear | Linear
+# Compatibility switch, not a design choice: "batch" reproduces a bug of the released code, whose
+# attention mixes the samples of a batch instead of a hand's nodes. Only for the released weights.
+ATTENTION_OVER = ("nodes", "batch")
 
-def sample_at_joints(feat: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
+
+def _choice(key: str, value: str, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"model.{key}={value!r} is unknown; choose from {list(choices)}")
+    return value
+
+
+def sample_at_joints(feat: torch.Tensor, uv: torch.Tensor, padding: str = "border") -> torch.Tensor:
     """Bilinear samples of feat (B, C, H, W) at uv (B, K, 2) in [0, 1] of the crop -> (B, K, C).
 
     align_corners=False makes [-1, 1] span the map's outer pixel edges, the same as [0, 1] spanning
@@ -38,7 +56,7 @@ def sample_at_joints(feat: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
     evidence instead of a zero vector.
     """
     grid = (uv * 2 - 1).unsqueeze(2).to(feat.dtype)
-    out = F.grid_sample(feat, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = F.grid_sample(feat, grid, mode="bilinear", padding_mode=padding, align_corners=False)
     return out.squeeze(-1).transpose(1, 2)
 
 
@@ -59,8 +77,11 @@ class _NodeLinear(nn.Linear):
 
 class _Stage(nn.Module):
     def __init__(self, *, n_in: int, n_out: int, w_in: int, w_out: int, cue_dim: int, blocks: int,
-                 heads: int, dropout: float, up_init: torch.Tensor, spread_init: torch.Tensor):
+                 heads: int, dropout: float, up_init: torch.Tensor, spread_init: torch.Tensor,
+                 block: str = "torch", mlp_ratio: int = 4, head: str = "norm_linear",
+                 cue_placement: str = "before", attention_over: str = "nodes"):
         super().__init__()
+        self.cue_placement, self.attention_over = cue_placement, attention_over
         self.upsample = _NodeLinear(n_in, n_out)
         self.narrow = nn.Linear(w_in, w_out - 3)
         self.cue_proj = nn.Linear(cue_dim, w_out)
@@ -70,21 +91,36 @@ class _Stage(nn.Module):
             self.upsample.bias.zero_()
             self.cue_spread.weight.copy_(spread_init)
             self.cue_spread.bias.zero_()
-        self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(w_out, heads, dim_feedforward=2 * w_out, dropout=dropout,
-                                       activation="gelu", batch_first=True, norm_first=True)
-            for _ in range(blocks))
-        self.head = nn.Sequential(nn.LayerNorm(w_out), nn.Linear(w_out, 3))
+        if block == "clip":
+            self.blocks = nn.ModuleList(ClipResidualBlock(w_out, heads, mlp_ratio) for _ in range(blocks))
+        else:
+            self.blocks = nn.ModuleList(
+                nn.TransformerEncoderLayer(w_out, heads, dim_feedforward=2 * w_out, dropout=dropout,
+                                           activation="gelu", batch_first=True, norm_first=True)
+                for _ in range(blocks))
+        if head == "linear":
+            self.head = nn.Linear(w_out, 3)
+            last = self.head
+        else:
+            self.head = nn.Sequential(nn.LayerNorm(w_out), nn.Linear(w_out, 3))
+            last = self.head[1]
         with torch.no_grad():
             # Start every node at the crop centre at the root's depth rather than at (0, 0, 0).
-            self.head[1].bias.copy_(torch.tensor([0.5, 0.5, 0.0]))
+            last.bias.copy_(torch.tensor([0.5, 0.5, 0.0]))
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cues: torch.Tensor):
         x = self.narrow(self.upsample(x))
         x = torch.cat([x, pos.to(x.dtype).expand(x.shape[0], -1, -1)], -1)
-        x = x + self.cue_spread(self.cue_proj(cues))
+        cue = self.cue_spread(self.cue_proj(cues))
+        if self.cue_placement == "before":
+            x = x + cue
+        # (B, N, C) -> (N, B, C) makes the blocks attend across the batch, as the released code does
+        x = x.transpose(0, 1) if self.attention_over == "batch" else x
         for block in self.blocks:
             x = block(x)
+        x = x.transpose(0, 1) if self.attention_over == "batch" else x
+        if self.cue_placement == "after":
+            x = x + cue
         return x, self.head(x)
 
 
@@ -101,13 +137,25 @@ class CoarseToFineRegressor(nn.Module):
     widths: stage input width, then one per level (len = number of template levels + 1).
     detach_uv: sample cues at detached 2D joints; the joints get their own loss (L_P), and gradients
     through bilinear sampling positions are local and noisy.
+    cue_maps, cue_padding, cue_placement, block (+ mlp_ratio), head, attention_over: the named
+    choices at the top of this module; with cue_maps="per_stage", cue_channels and feats give one
+    map per stage (the released network: F4, F3, F2, F1) and the joints' u, v are not appended.
     """
 
     def __init__(self, template: MeshTemplate | dict, token_dim: int = 512,
                  widths: Sequence[int] = (512, 256, 128, 64, 32),
                  cue_channels: Sequence[int] = (1024, 512, 256), blocks_per_stage: int = 2,
-                 heads: int = 4, dropout: float = 0.0, detach_uv: bool = True):
+                 heads: int = 4, dropout: float = 0.0, detach_uv: bool = True,
+                 cue_maps: str = "pyramid", cue_padding: str = "border", cue_placement: str = "before",
+                 block: str = "torch", mlp_ratio: int = 4, head: str = "norm_linear",
+                 attention_over: str = "nodes"):
         super().__init__()
+        self.cue_maps = _choice("cue_maps", cue_maps, CUE_MAPS)
+        self.cue_padding = _choice("cue_padding", cue_padding, CUE_PADDINGS)
+        stage_kw = {"cue_placement": _choice("cue_placement", cue_placement, CUE_PLACEMENTS),
+                    "block": _choice("block", block, BLOCKS), "mlp_ratio": int(mlp_ratio),
+                    "head": _choice("stage_head", head, HEADS),
+                    "attention_over": _choice("attention_over", attention_over, ATTENTION_OVER)}
         if not isinstance(template, MeshTemplate):
             template = MeshTemplate.from_dict(template)
         widths = [int(w) for w in widths]
@@ -131,15 +179,19 @@ class CoarseToFineRegressor(nn.Module):
             self.register_buffer(f"level_idx_{l}", torch.as_tensor(idx, dtype=torch.long))
             self.register_buffer(f"level_pos_{l}", torch.as_tensor(template.verts[idx], dtype=torch.float32))
 
+        if cue_maps == "per_stage" and len(self.cue_channels) != n_levels:
+            raise ValueError(f"cue_maps=per_stage: cue_channels={self.cue_channels} must give one map per "
+                             f"stage ({n_levels} template levels)")
         self.input_proj = nn.Identity() if token_dim == widths[0] else nn.Linear(token_dim, widths[0])
         cue_dim = sum(self.cue_channels) + 2
         stages, prev = [], template.joints
         for l, idx in enumerate(template.levels):
             pos = template.verts[idx]
             stages.append(_Stage(n_in=len(prev), n_out=len(idx), w_in=widths[l], w_out=widths[l + 1],
-                                 cue_dim=cue_dim, blocks=blocks_per_stage, heads=heads, dropout=dropout,
+                                 cue_dim=cue_dim if cue_maps == "pyramid" else self.cue_channels[l],
+                                 blocks=blocks_per_stage, heads=heads, dropout=dropout,
                                  up_init=_nearest_one_hot(pos, prev),
-                                 spread_init=_nearest_one_hot(pos, template.joints)))
+                                 spread_init=_nearest_one_hot(pos, template.joints), **stage_kw))
             prev = pos
         self.stages = nn.ModuleList(stages)
         # Decided here (and again when weights are loaded), not per forward: torch.equal is a host sync.
@@ -177,17 +229,22 @@ class CoarseToFineRegressor(nn.Module):
             raise ValueError(f"joints_uv: expected ({tokens.shape[0]}, {NUM_JOINTS}, 2), got {tuple(joints_uv.shape)}")
         got = [int(f.shape[1]) for f in feats]
         if got != self.cue_channels:
-            raise ValueError(f"feats: expected {len(self.cue_channels)} maps [F3, F2, F1] with channels "
+            raise ValueError(f"feats: expected {len(self.cue_channels)} maps ({self.cue_maps} cues) with channels "
                              f"{self.cue_channels}, got channels {got}; set cue_channels to match the backbone")
 
     def forward(self, tokens: torch.Tensor, feats: Sequence[torch.Tensor], joints_uv: torch.Tensor) -> dict:
         self._check(tokens, feats, joints_uv)
         uv = joints_uv.detach() if self.detach_uv else joints_uv
-        cues = torch.cat([sample_at_joints(f, uv).to(tokens.dtype) for f in feats] + [uv.to(tokens.dtype)], -1)
+        if self.cue_maps == "per_stage":
+            per_stage = [sample_at_joints(f, uv, self.cue_padding).to(tokens.dtype) for f in feats]
+        else:
+            cues = torch.cat([sample_at_joints(f, uv, self.cue_padding).to(tokens.dtype) for f in feats]
+                             + [uv.to(tokens.dtype)], -1)
+            per_stage = [cues] * self.num_levels
         x = self.input_proj(tokens)
         outs = []
         for l, stage in enumerate(self.stages):
-            x, out = stage(x, getattr(self, f"level_pos_{l}"), cues)
+            x, out = stage(x, getattr(self, f"level_pos_{l}"), per_stage[l])
             outs.append(out)
         verts = outs[-1]
         return {"verts": verts, "joints": self.J.to(verts.dtype) @ verts, "stages": outs}

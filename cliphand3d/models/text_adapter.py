@@ -4,6 +4,8 @@ kind="mlp" (default): a residual MLP per axis, applied to each sample on its own
 kind="batch_attention": the demo repository's head, a pre-norm transformer applied to the (B, D)
 batch as ONE sequence of length B, so each sample's text feature attends to the others in the batch
 (its output depends on batch composition and, under DDP, sees only the local batch).
+block="clip" builds that transformer from CLIP's residual blocks (QuickGELU), exactly the released
+network's text encoders, so their weights import (docs/released.md); "torch" is nn.TransformerEncoderLayer.
 """
 from __future__ import annotations
 
@@ -13,7 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .blocks import ClipResidualBlock
+
 KINDS = ("mlp", "batch_attention")
+BLOCKS = ("torch", "clip")
 
 
 class ResidualMLP(nn.Module):
@@ -39,8 +44,13 @@ class ResidualMLP(nn.Module):
 class BatchAttention(nn.Module):
     """Transformer over the batch axis: (B, D) is treated as one sequence of B tokens."""
 
-    def __init__(self, dim: int, hidden: int, layers: int, heads: int):
+    def __init__(self, dim: int, hidden: int, layers: int, heads: int, block: str = "torch"):
         super().__init__()
+        if block == "clip":
+            if hidden % dim:
+                raise ValueError(f"text.adapters.block=clip: hidden={hidden} must be a multiple of {dim}")
+            self.resblocks = nn.Sequential(*[ClipResidualBlock(dim, heads, hidden // dim) for _ in range(layers)])
+            return
         layer = nn.TransformerEncoderLayer(
             d_model=dim, nhead=heads, dim_feedforward=hidden, dropout=0.0, activation="gelu",
             batch_first=True, norm_first=True,
@@ -48,6 +58,8 @@ class BatchAttention(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "resblocks"):
+            return self.resblocks(x.unsqueeze(0)).squeeze(0)
         return self.encoder(x.unsqueeze(0)).squeeze(0)
 
 
@@ -60,6 +72,7 @@ class AxisAdapters(nn.Module):
     hidden: MLP hidden width (default D) or the transformer's feed-forward width (default 4 D).
     layers: linear layers of the MLP, or transformer layers (the demo: 2).
     heads: attention heads of batch_attention (the demo: 16); must divide D.
+    block: the batch_attention transformer's block (BLOCKS; "clip" = the released network's).
     """
 
     def __init__(
@@ -70,6 +83,7 @@ class AxisAdapters(nn.Module):
         hidden: int | None = None,
         layers: int = 2,
         heads: int = 16,
+        block: str = "torch",
     ):
         super().__init__()
         axes = (axes,) if isinstance(axes, str) else tuple(str(a) for a in axes)
@@ -77,6 +91,8 @@ class AxisAdapters(nn.Module):
             raise ValueError(f"text adapter axes must be distinct axis names, got {list(axes)}")
         if kind not in KINDS:
             raise ValueError(f"text adapter kind={kind!r} is unknown; use one of {list(KINDS)}")
+        if block not in BLOCKS:
+            raise ValueError(f"text.adapters.block={block!r} is unknown; use one of {list(BLOCKS)}")
         if embed_dim < 1 or layers < 1:
             raise ValueError(f"text adapter needs embed_dim >= 1 and layers >= 1, got {embed_dim}, {layers}")
         if kind == "batch_attention" and embed_dim % heads != 0:
@@ -91,7 +107,7 @@ class AxisAdapters(nn.Module):
             self.heads = nn.ModuleDict({a: ResidualMLP(embed_dim, width, layers) for a in axes})
         else:
             width = int(hidden or 4 * embed_dim)
-            self.heads = nn.ModuleDict({a: BatchAttention(embed_dim, width, layers, heads) for a in axes})
+            self.heads = nn.ModuleDict({a: BatchAttention(embed_dim, width, layers, heads, block) for a in axes})
 
     def forward(self, text_feats: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         missing = [a for a in self.axes if a not in text_feats]
