@@ -80,14 +80,15 @@ def build_template(cfg: DictConfig, train_set) -> MeshTemplate:
 
 def build_text(cfg: DictConfig):
     """(text encoder, adapters) or (None, None) when the contrastive term is off."""
-    if not _clip_on(cfg):
+    if not text_branch_on(cfg):
         return None, None
     encoder = instantiate(cfg.text.encoder)
     adapters = instantiate(cfg.text.adapters, embed_dim=encoder.embed_dim, axes=list(cfg.prompt.axes))
     return encoder, adapters
 
 
-def _clip_on(cfg: DictConfig) -> bool:
+def text_branch_on(cfg: DictConfig) -> bool:
+    """Does any contrastive term weigh more than 0 (so the text encoder and adapters are built)?"""
     w = cfg.loss.weights
     return any(float(v) > 0 for k, v in w.items() if k == "clip" or str(k).startswith("clip_"))
 

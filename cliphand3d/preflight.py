@@ -11,7 +11,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from . import metrics
-from .build import _clip_on
+from .build import text_branch_on
 from .skeleton import NUM_JOINTS
 
 BACKBONE_STRIDE = 32  # ResNet F4 (cliphand3d.models.backbone.STRIDES[-1])
@@ -38,7 +38,7 @@ def monitor_choices(cfg: DictConfig) -> list[str]:
     plus retrieval per axis when the text branch is on (trainer.validate)."""
     val_class = get_class(cfg.data.val._target_)
     names = metric_names(getattr(val_class, "protocol", "freihand"), bool(getattr(val_class, "has_verts", False)))
-    if _clip_on(cfg):
+    if text_branch_on(cfg):
         names += [f"retrieval_{a}" for a in cfg.prompt.axes if a in ("x", "y", "z")]
     return names
 
@@ -72,7 +72,7 @@ def _img_size_problem(cfg: DictConfig) -> str | None:
 
 
 def _context_problem(cfg: DictConfig) -> str | None:
-    if not _clip_on(cfg) or cfg.get("prompt") is None:
+    if not text_branch_on(cfg) or cfg.get("prompt") is None:
         return None  # no text tower is built
     wanted, tower = int(cfg.prompt.context_length), tower_context_length(cfg)
     if wanted <= tower:

@@ -253,203 +253,240 @@ def train(cfg: DictConfig) -> dict:
 
 
 def _train(cfg: DictConfig, rank: int, world: int, local_rank: int) -> dict:
-    tcfg = cfg.trainer
-    run_dir = Path(cfg.run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    device = pick_device(tcfg.device, local_rank)
-    main = rank == 0
-    resume_path = find_resume_checkpoint(run_dir, cfg.resume)
-    if resume_path is None and (ckpt_dir / "last.pt").is_file() and main:
-        raise SystemExit(f"{ckpt_dir / 'last.pt'} exists: this run folder already holds a run.\n"
-                         f"  fix: resume=auto to continue it, or name=<new name> (or run_dir=...) for a new run")
-    # init_from: start from another checkpoint's weights (e.g. the imported released network), with its
-    # architecture; a resumed run keeps the same adopted config, so the resume check still holds
-    init = load_checkpoint(Path(str(cfg.init_from)).expanduser()) if cfg.get("init_from") else None
-    if init is not None:
-        cfg = adopt_init_config(cfg, checkpoint_config(init, str(cfg.init_from)), _cli_overrides())
-    saved = load_checkpoint(resume_path) if resume_path is not None else None
-    bs = int(tcfg.batch_size)
-    if saved is not None:
-        check_resumable(saved, cfg, resume_path, world_size=world, batch_size=bs)
-    seed_everything(int(cfg.seed))
+    return Run(cfg, rank, world, local_rank).run()
 
-    prompts = build_prompts(cfg)
-    sets = build_datasets(cfg, prompts, splits=("train", "val"))  # never test: it must not choose best.pt
-    train_set, val_set = sets["train"], sets["val"]
-    if saved is not None:
-        template = template_from_state(saved["template"])
-    elif init is not None:
-        template = template_from_state(init["template"])
-    else:
-        template = build_template(cfg, train_set)
-    model = build_model(cfg, template)
-    encoder, adapters = build_text(cfg)
-    criterion = build_criterion(cfg)
-    module = TrainingModule(model, criterion, encoder, adapters).to(device)  # freezes what weighs 0
-    if init is not None and saved is None:
-        fresh = load_init_weights(module, init, str(cfg.init_from))
-        if main:
-            log.info("init_from %s: model weights loaded; training heads not in it (start fresh): %s",
-                     cfg.init_from, fresh or "none")
-    init = None
-    if main and module.frozen:
-        log.info("frozen, as only zero-weighted loss terms train them: %d parameter tensors (%s)",
-                 len(module.frozen), ", ".join(sorted({n.rsplit(".", 2)[0] for n in module.frozen})))
-    if world > 1:
-        module = torch.nn.parallel.DistributedDataParallel(
-            module, device_ids=[local_rank] if device.type == "cuda" else None)
 
-    ocfg = cfg.optim
-    optimizer = build_optimizer(module, lr=ocfg.lr, weight_decay=ocfg.weight_decay, betas=ocfg.betas,
-                                backbone_lr_mult=ocfg.backbone_lr_mult)
-    sampler = ResumableSampler(len(train_set), shuffle=True, seed=int(cfg.seed), rank=rank, world_size=world,
-                               batch_size=bs, drop_last=True)
-    steps_per_epoch = sampler.batches_per_epoch()
-    if steps_per_epoch == 0:
-        raise SystemExit(f"trainer.batch_size={bs} x {world} process(es) is larger than the training set "
-                         f"({len(train_set)} samples): lower trainer.batch_size or use more data")
-    total_steps = int(tcfg.max_steps) if tcfg.get("max_steps") else int(tcfg.epochs) * steps_per_epoch
-    warmup = int(ocfg.warmup_steps if ocfg.warmup_steps >= 1 else ocfg.warmup_steps * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, warmup_steps=warmup, total_steps=total_steps,
-                                           min_lr_ratio=ocfg.min_lr_ratio))
-    _, scaler = autocast_for(device, tcfg.amp)
-    ema = ModelEMA(unwrap(module).model, decay=float(tcfg.ema_decay)) if tcfg.get("ema_decay") else None
-    state = TrainState(world_size=world, batch_size=bs)
+class Run:
+    """One training run. `__init__` sets it up in named steps (starting point, data, module, optimisation,
+    restored state, logs); `run()` loops, validates on `val`, checkpoints and writes the summary."""
 
-    if saved is not None:
-        load_model_weights(unwrap(module).model, saved["model"], str(resume_path))
-        unwrap(module).load_state_dict({**{f"model.{k}": v for k, v in saved["model"].items()},
-                                        **saved["train_heads"]}, strict=False)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        if scaler is not None and saved.get("scaler"):
-            scaler.load_state_dict(saved["scaler"])
-        if ema is not None and saved.get("ema"):
-            ema.load_state_dict(saved["ema"])
-        state = TrainState.from_dict(saved["train_state"])
+    def __init__(self, cfg: DictConfig, rank: int, world: int, local_rank: int):
+        self.rank, self.world, self.main = rank, world, rank == 0
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.device = pick_device(cfg.trainer.device, local_rank)
+        self.bs = int(cfg.trainer.batch_size)
+        self.cfg, saved, init, self.resume_path = self._starting_point(cfg)
+        self.tcfg = self.cfg.trainer
+        seed_everything(int(self.cfg.seed))
+        self._build_data()
+        self._build_module(saved, init)
+        self._build_optimisation()
+        self.state = TrainState(world_size=world, batch_size=self.bs)
+        if saved is not None:
+            self._restore(saved)
+        self._open_logs()
+        self.recorder = (SampleRecorder(self.run_dir / "samples" / f"rank{rank}.jsonl")
+                         if self.tcfg.get("record_samples") else None)
+        self.grads_checked = False
+        self.last_metrics: dict = {}
+
+    # ------------------------------------------------------------------ set-up steps
+    def _starting_point(self, cfg: DictConfig):
+        """(config, checkpoint to resume, checkpoint to initialise from, resume path), refusing a folder
+        that holds another run and a resume that cannot continue exactly."""
+        resume_path = find_resume_checkpoint(self.run_dir, cfg.resume)
+        if resume_path is None and (self.ckpt_dir / "last.pt").is_file() and self.main:
+            raise SystemExit(f"{self.ckpt_dir / 'last.pt'} exists: this run folder already holds a run.\n"
+                             f"  fix: resume=auto to continue it, or name=<new name> (or run_dir=...) for a new run")
+        # init_from: start from another checkpoint's weights (e.g. the imported released network), with its
+        # architecture; a resumed run keeps the same adopted config, so the resume check still holds
+        init = load_checkpoint(Path(str(cfg.init_from)).expanduser()) if cfg.get("init_from") else None
+        if init is not None:
+            cfg = adopt_init_config(cfg, checkpoint_config(init, str(cfg.init_from)), _cli_overrides())
+        saved = load_checkpoint(resume_path) if resume_path is not None else None
+        if saved is not None:
+            check_resumable(saved, cfg, resume_path, world_size=self.world, batch_size=self.bs)
+        return cfg, saved, init, resume_path
+
+    def _build_data(self) -> None:
+        prompts = build_prompts(self.cfg)
+        sets = build_datasets(self.cfg, prompts, splits=("train", "val"))  # never test: it must not choose best.pt
+        self.train_set, self.val_set = sets["train"], sets["val"]
+        self.sampler = ResumableSampler(len(self.train_set), shuffle=True, seed=int(self.cfg.seed), rank=self.rank,
+                                        world_size=self.world, batch_size=self.bs, drop_last=True)
+        self.steps_per_epoch = self.sampler.batches_per_epoch()
+        if self.steps_per_epoch == 0:
+            raise SystemExit(f"trainer.batch_size={self.bs} x {self.world} process(es) is larger than the training "
+                             f"set ({len(self.train_set)} samples): lower trainer.batch_size or use more data")
+        self.val_loader = make_loader(self.val_set, batch_size=int(self.tcfg.val_batch_size),
+                                      num_workers=int(self.tcfg.num_workers), device=self.device)
+
+    def _build_module(self, saved: dict | None, init: dict | None) -> None:
+        cfg = self.cfg
+        if saved is not None:
+            self.template = template_from_state(saved["template"])
+        elif init is not None:
+            self.template = template_from_state(init["template"])
+        else:
+            self.template = build_template(cfg, self.train_set)
+        model = build_model(cfg, self.template)
+        encoder, adapters = build_text(cfg)
+        module = TrainingModule(model, build_criterion(cfg), encoder, adapters).to(self.device)  # freezes what weighs 0
+        if init is not None and saved is None:
+            fresh = load_init_weights(module, init, str(cfg.init_from))
+            if self.main:
+                log.info("init_from %s: model weights loaded; training heads not in it (start fresh): %s",
+                         cfg.init_from, fresh or "none")
+        if self.main and module.frozen:
+            log.info("frozen, as only zero-weighted loss terms train them: %d parameter tensors (%s)",
+                     len(module.frozen), ", ".join(sorted({n.rsplit(".", 2)[0] for n in module.frozen})))
+        self.text_branch = TextBranch(encoder, adapters) if encoder is not None else None
+        if self.world > 1:
+            module = torch.nn.parallel.DistributedDataParallel(
+                module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.module = module
+
+    def _build_optimisation(self) -> None:
+        ocfg, tcfg = self.cfg.optim, self.tcfg
+        self.optimizer = build_optimizer(self.module, lr=ocfg.lr, weight_decay=ocfg.weight_decay, betas=ocfg.betas,
+                                         backbone_lr_mult=ocfg.backbone_lr_mult)
+        total = int(tcfg.max_steps) if tcfg.get("max_steps") else int(tcfg.epochs) * self.steps_per_epoch
+        warmup = int(ocfg.warmup_steps if ocfg.warmup_steps >= 1 else ocfg.warmup_steps * total)
+        self.total_steps = total
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: warmup_cosine(s, warmup_steps=warmup, total_steps=total,
+                                                    min_lr_ratio=ocfg.min_lr_ratio))
+        _, self.scaler = autocast_for(self.device, tcfg.amp)
+        self.ema = (ModelEMA(unwrap(self.module).model, decay=float(tcfg.ema_decay))
+                    if tcfg.get("ema_decay") else None)
+
+    def _restore(self, saved: dict) -> None:
+        inner = unwrap(self.module)
+        load_model_weights(inner.model, saved["model"], str(self.resume_path))
+        inner.load_state_dict({**{f"model.{k}": v for k, v in saved["model"].items()}, **saved["train_heads"]},
+                              strict=False)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        if self.scaler is not None and saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
+        if self.ema is not None and saved.get("ema"):
+            self.ema.load_state_dict(saved["ema"])
+        self.state = TrainState.from_dict(saved["train_state"])
         restore_rng_state(saved["rng"])
-        if main:
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, state.step, state.epoch,
-                     state.batch_in_epoch)
-    del saved
+        if self.main:
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", self.resume_path, self.state.step,
+                     self.state.epoch, self.state.batch_in_epoch)
 
-    logger = RunLogger(run_dir, enabled=main, tensorboard=bool(cfg.logger.tensorboard))
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        log.info("run dir %s | device %s x %d | %d train / %d val samples | %d steps (%d per epoch)",
-                 run_dir, device, world, len(train_set), len(val_set), total_steps, steps_per_epoch)
+    def _open_logs(self) -> None:
+        self.logger = RunLogger(self.run_dir, enabled=self.main, tensorboard=bool(self.cfg.logger.tensorboard))
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+            log.info("run dir %s | device %s x %d | %d train / %d val samples | %d steps (%d per epoch)",
+                     self.run_dir, self.device, self.world, len(self.train_set), len(self.val_set),
+                     self.total_steps, self.steps_per_epoch)
 
-    text_branch = TextBranch(encoder, adapters) if encoder is not None else None
-    val_loader = make_loader(val_set, batch_size=int(tcfg.val_batch_size), num_workers=int(tcfg.num_workers),
-                             device=device)
-
-    def checkpoint(name: str) -> None:
-        if not main:
+    # ------------------------------------------------------------------ during the run
+    def checkpoint(self, name: str) -> None:
+        if not self.main:
             return
+        st = self.state
         # from the position, not counted per step: a batch skipped for its gradients is consumed too
-        state.samples_seen = (state.epoch * steps_per_epoch + state.batch_in_epoch) * bs * world
-        inner = unwrap(module)
-        save_checkpoint(ckpt_dir / name, {
+        st.samples_seen = (st.epoch * self.steps_per_epoch + st.batch_in_epoch) * self.bs * self.world
+        inner = unwrap(self.module)
+        save_checkpoint(self.ckpt_dir / name, {
             "model": inner.model.state_dict(),
             "train_heads": {k: v for k, v in inner.state_dict().items() if not k.startswith("model.")},
-            "template": template_state(template),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "ema": ema.state_dict() if ema is not None else None,
-            "train_state": state.to_dict(),
+            "template": template_state(self.template),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "train_state": st.to_dict(),
             "rng": capture_rng_state(),
-            "config": config_to_container(cfg),
-            "protocol": getattr(train_set, "protocol", "freihand"),
+            "config": config_to_container(self.cfg),
+            "protocol": getattr(self.train_set, "protocol", "freihand"),
         })
 
-    recorder = SampleRecorder(run_dir / "samples" / f"rank{rank}.jsonl") if tcfg.get("record_samples") else None
-    grads_checked = False
+    def on_step(self, st: TrainState) -> None:
+        if self.recorder is not None:
+            self.recorder.commit(st)
+        if not self.grads_checked:
+            self.grads_checked = check_gradients(unwrap(self.module))
+        every = self.tcfg.get("val_every_steps")
+        if every and st.step % int(every) == 0 and st.step < self.total_steps:
+            self.validate()
+        if self.tcfg.ckpt_every_steps and st.step % int(self.tcfg.ckpt_every_steps) == 0:
+            self.checkpoint("last.pt")
 
-    def on_step(st: TrainState) -> None:
-        nonlocal grads_checked
-        if recorder is not None:
-            recorder.commit(st)
-        if not grads_checked:
-            grads_checked = check_gradients(unwrap(module))
-        every = tcfg.get("val_every_steps")
-        if every and st.step % int(every) == 0 and st.step < total_steps:
-            run_validation()
-        if tcfg.ckpt_every_steps and st.step % int(tcfg.ckpt_every_steps) == 0:
-            checkpoint("last.pt")
-
-    def run_validation() -> dict:
-        eval_model = ema.module if ema is not None else unwrap(module).model
-        res = {}
-        if main:
-            res, preds = validate(eval_model, val_loader, device, getattr(val_set, "protocol", "freihand"),
-                                  text_branch=text_branch)
+    def validate(self) -> dict:
+        """Validate on `val` (rank 0), log, and keep best.pt by `trainer.monitor`."""
+        st, res = self.state, {}
+        if self.main:
+            eval_model = self.ema.module if self.ema is not None else unwrap(self.module).model
+            res, preds = validate(eval_model, self.val_loader, self.device,
+                                  getattr(self.val_set, "protocol", "freihand"), text_branch=self.text_branch)
             for k, v in res.items():
-                logger.scalar(f"val/{k}", v, state.step)
-            logger.validation_figures(val_set, preds, state.step)
-            monitor = cfg.trainer.monitor
+                self.logger.scalar(f"val/{k}", v, st.step)
+            self.logger.validation_figures(self.val_set, preds, st.step)
+            monitor = self.tcfg.monitor
             if monitor not in res:
                 raise KeyError(f"trainer.monitor={monitor!r} is not a validation metric; choose from {sorted(res)}")
-            state.history.append({"step": state.step, **res})
-            if improves(monitor, float(res[monitor]), state):
-                state.best_metric, state.best_step = float(res[monitor]), state.step
-                checkpoint("best.pt")
-            log.info("step %d | %s", state.step, " ".join(f"{k}={v:.4g}" for k, v in res.items()))
+            st.history.append({"step": st.step, **res})
+            if improves(monitor, float(res[monitor]), st):
+                st.best_metric, st.best_step = float(res[monitor]), st.step
+                self.checkpoint("best.pt")
+            log.info("step %d | %s", st.step, " ".join(f"{k}={v:.4g}" for k, v in res.items()))
         if dist.is_dist():
             torch.distributed.barrier()
-        unwrap(module).train()
+        unwrap(self.module).train()
         return res
 
-    def _loop() -> None:
-        nonlocal last_metrics
-        while state.step < total_steps:
-            if state.batch_in_epoch >= steps_per_epoch:
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            sampler.set_epoch(state.epoch, state.batch_in_epoch)
-            train_set.set_epoch(state.epoch)
-            loader = make_loader(train_set, batch_size=bs, sampler=sampler, drop_last=True,
-                                 num_workers=int(tcfg.num_workers), device=device)
-            if recorder is not None:
-                loader = recorder.wrap(loader)
-            train_one_epoch(module, loader, optimizer, scheduler, state, device=device, total_steps=total_steps,
-                            amp=tcfg.amp, scaler=scaler, grad_clip=tcfg.grad_clip, ema=ema,
-                            log=logger.scalar, log_every=int(cfg.logger.log_every), on_step=on_step,
-                            progress=progress, max_nonfinite_steps=int(tcfg.max_nonfinite_steps))
-            epoch_done = state.batch_in_epoch >= steps_per_epoch
-            if epoch_done and (state.epoch + 1) % int(tcfg.val_every_epochs) == 0 and state.step < total_steps:
-                last_metrics = run_validation()
-                checkpoint("last.pt")
+    def _loop(self, progress) -> None:
+        st, tcfg = self.state, self.tcfg
+        while st.step < self.total_steps:
+            if st.batch_in_epoch >= self.steps_per_epoch:
+                st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+            self.sampler.set_epoch(st.epoch, st.batch_in_epoch)
+            self.train_set.set_epoch(st.epoch)
+            loader = make_loader(self.train_set, batch_size=self.bs, sampler=self.sampler, drop_last=True,
+                                 num_workers=int(tcfg.num_workers), device=self.device)
+            if self.recorder is not None:
+                loader = self.recorder.wrap(loader)
+            train_one_epoch(self.module, loader, self.optimizer, self.scheduler, st, device=self.device,
+                            total_steps=self.total_steps, amp=tcfg.amp, scaler=self.scaler, grad_clip=tcfg.grad_clip,
+                            ema=self.ema, log=self.logger.scalar, log_every=int(self.cfg.logger.log_every),
+                            on_step=self.on_step, progress=progress,
+                            max_nonfinite_steps=int(tcfg.max_nonfinite_steps))
+            epoch_done = st.batch_in_epoch >= self.steps_per_epoch
+            if epoch_done and (st.epoch + 1) % int(tcfg.val_every_epochs) == 0 and st.step < self.total_steps:
+                self.last_metrics = self.validate()
+                self.checkpoint("last.pt")
 
-    if tcfg.get("save_init") and state.step == 0:
-        checkpoint("init.pt")  # DDP has broadcast rank 0's initial weights: what every rank starts from
-    progress = logger.progress(total=total_steps, initial=state.step)
-    t_start = time.perf_counter()
-    last_metrics: dict = {}
-    try:
-        with logging_redirect_tqdm():
-            _loop()
-    except NonFiniteLossError as e:
+    def run(self) -> dict:
+        """Train to the end; returns the last validation metrics (also in train_summary.json)."""
+        if self.tcfg.get("save_init") and self.state.step == 0:
+            self.checkpoint("init.pt")  # DDP has broadcast rank 0's initial weights: what every rank starts from
+        progress = self.logger.progress(total=self.total_steps, initial=self.state.step)
+        t_start = time.perf_counter()
+        try:
+            with logging_redirect_tqdm():
+                self._loop(progress)
+        except NonFiniteLossError as e:
+            progress.close()
+            self.logger.close()
+            log.error("%s", e)
+            raise SystemExit(str(e)) from None
         progress.close()
-        logger.close()
-        log.error("%s", e)
-        raise SystemExit(str(e)) from None
-    progress.close()
-    if not state.history or state.history[-1]["step"] != state.step:
-        last_metrics = run_validation()
-    elif not last_metrics:
-        last_metrics = {k: v for k, v in state.history[-1].items() if k != "step"}
-    checkpoint("last.pt")
-    checksums = rank_weight_checksums(unwrap(module))
-    if main:  # (the final checkpoint above set samples_seen)
-        wall = time.perf_counter() - t_start
-        summary = {"steps": state.step, "samples_seen": state.samples_seen, "wall_s": round(wall, 1),
-                   "best_step": state.best_step,
-                   "best": state.best_metric, "last": last_metrics, "world_size": world,
-                   "rank_weight_checksums": checksums}
-        (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        log.info("done: %d steps in %.0f s; best %s=%.4g at step %d; checkpoints in %s", state.step, wall,
-                 cfg.trainer.monitor, state.best_metric, state.best_step, ckpt_dir)
-    logger.close()
-    return last_metrics
+        history = self.state.history
+        if not history or history[-1]["step"] != self.state.step:
+            self.last_metrics = self.validate()
+        elif not self.last_metrics:
+            self.last_metrics = {k: v for k, v in history[-1].items() if k != "step"}
+        self.checkpoint("last.pt")
+        self._write_summary(time.perf_counter() - t_start)
+        self.logger.close()
+        return self.last_metrics
+
+    def _write_summary(self, wall: float) -> None:
+        checksums = rank_weight_checksums(unwrap(self.module))  # a collective: every rank takes part
+        if not self.main:
+            return
+        st = self.state  # (the final checkpoint set samples_seen)
+        summary = {"steps": st.step, "samples_seen": st.samples_seen, "wall_s": round(wall, 1),
+                   "best_step": st.best_step, "best": st.best_metric, "last": self.last_metrics,
+                   "world_size": self.world, "rank_weight_checksums": checksums}
+        (self.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        log.info("done: %d steps in %.0f s; best %s=%.4g at step %d; checkpoints in %s", st.step, wall,
+                 self.tcfg.monitor, st.best_metric, st.best_step, self.ckpt_dir)
