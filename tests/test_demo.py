@@ -252,6 +252,21 @@ def test_box_outside_and_partly_outside(hands):
     assert crop.shape == (S, S, 3) and (crop[:10] == 0).all()  # padded black where the box leaves the image
 
 
+@pytest.mark.parametrize("side", [60.0, 500.0])  # cropped directly; shrunk first (more than 2x the input side)
+def test_crop_pixels_sit_where_its_map_says(side):
+    """A float image whose pixels hold their own (x, y): every crop pixel must hold the image point its
+    map (inverse of image -> crop) names, with or without the anti-aliasing shrink."""
+    H, W = 700, 900
+    ys, xs = np.mgrid[0:H, 0:W].astype(np.float32)
+    image = np.stack([xs, ys, np.zeros_like(xs)], -1)
+    K = demo.default_K(W, H, 2.5)
+    crop, K_crop, A = demo.make_crop(image, K, (400.3, 350.7), side, S)
+    rows, cols = np.mgrid[4:S - 4, 4:S - 4]  # away from the border, where area sums meet the image edge
+    p = np.stack([cols, rows, np.ones_like(rows)], -1).astype(np.float64) @ np.linalg.inv(A).T
+    np.testing.assert_allclose(crop[4:S - 4, 4:S - 4, :2], p[..., :2], atol=2e-2)
+    np.testing.assert_allclose(K_crop, crop_intrinsics(K, (400.3, 350.7), side, S)[0], rtol=1e-9, atol=1e-9)
+
+
 def test_mean_error_2d_known_answer():
     gt = np.zeros((2, 21, 2))
     pred = gt.copy()
