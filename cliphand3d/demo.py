@@ -62,7 +62,7 @@ def parse_numbers(value, key: str, n: int) -> tuple[float, ...] | None:
 def check_box(box, where: str) -> tuple[float, float, float, float] | None:
     """[x, y, w, h] as floats; None (no box: the image is the crop) stays None."""
     box = parse_numbers(box, where, 4)
-    if box is not None and box[2] <= 0 or box[3] <= 0:
+    if box is not None and (box[2] <= 0 or box[3] <= 0):
         raise ConfigError(f"{where}: box {list(box)} has a non-positive width or height; boxes are [x, y, w, h]")
     return box
 
@@ -131,7 +131,7 @@ def check_size(image: np.ndarray, where: str, min_side: int) -> None:
     h, w = image.shape[:2]
     if min(h, w) < min_side:
         raise InputError(f"{where}: the image is {w}x{h} px, under min_side={min_side} px: too few pixels to show a "
-                         "hand; use a larger image (or a smaller min_side= if you mean it)")
+                         "hand (use a larger image, or lower min_side= if you mean it)")
 
 
 # ----------------------------------------------------------------------------- one hand

@@ -296,7 +296,8 @@ def test_imported_released_weights_run(tmp_path, hands):
     rec = load(tmp_path / "out", "in")
     xyz, K = np.asarray(rec["joints_xyz_m"]), np.asarray(rec["K"])
     assert K[0, 0] == 500 and "given" in rec["K_source"] and np.asarray(rec["verts_xyz_m"]).shape == (778, 3)
-    assert np.abs(project(xyz, K) - np.asarray(rec["joints_2d_px"])).max() < 1e-2
+    # random weights put joints anywhere (even near z = 0): relative to the 1e-7 m rounding of the JSON
+    np.testing.assert_allclose(project(xyz, K), np.asarray(rec["joints_2d_px"]), rtol=1e-3, atol=1e-2)
     assert np.isfinite(xyz).all()
 
 
