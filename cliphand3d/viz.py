@@ -160,7 +160,7 @@ def skeleton_3d_figure(xyz: np.ndarray, verts: np.ndarray | None = None, *, titl
     colors[0] = 0.0  # the wrist in black: white does not show on white
     fig = plt.figure(figsize=(4.0 * len(views), 4.2))
     for k, (name, elev, azim) in enumerate(views):
-        ax = fig.add_subplot(1, len(views), k + 1, projection="3d")
+        ax = fig.add_subplot(1, len(views), k + 1, projection="3d", proj_type="ortho")
         if verts is not None:
             ax.scatter(*axes(np.asarray(verts, np.float64).reshape(-1, 3)), s=1, c="0.6", alpha=0.5)
         for parent, child in BONES:
@@ -174,6 +174,10 @@ def skeleton_3d_figure(xyz: np.ndarray, verts: np.ndarray | None = None, *, titl
         ax.set_ylabel("z (m)")
         ax.set_zlabel("-y (m)")
         ax.view_init(elev=elev, azim=azim)
+        # the axis along the line of sight only clutters the view with overlapping ticks
+        sight = ax.zaxis if abs(elev) > 45 else ax.yaxis if abs(abs(azim) - 90) < 45 else ax.xaxis
+        sight.set_ticklabels([])
+        sight.label.set_visible(False)
         ax.set_title(name, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
