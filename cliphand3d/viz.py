@@ -146,6 +146,7 @@ def skeleton_3d_figure(xyz: np.ndarray, verts: np.ndarray | None = None, *, titl
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     xyz = np.asarray(xyz, dtype=np.float64)
     if xyz.shape != (NUM_JOINTS, 3):
@@ -178,6 +179,8 @@ def skeleton_3d_figure(xyz: np.ndarray, verts: np.ndarray | None = None, *, titl
         sight = ax.zaxis if abs(elev) > 45 else ax.yaxis if abs(abs(azim) - 90) < 45 else ax.xaxis
         sight.set_ticklabels([])
         sight.label.set_visible(False)
+        for axis in (ax.xaxis, ax.yaxis, ax.zaxis):
+            axis.set_major_locator(MaxNLocator(4))
         ax.set_title(name, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
