@@ -301,6 +301,25 @@ def test_imported_released_weights_run(tmp_path, hands):
     assert np.isfinite(xyz).all()
 
 
+def test_joints_only_checkpoint_runs(tmp_path, hands):
+    """A preset without a mesh (RHD, model_template.joints_only): joints only, no vertex entries."""
+    from cliphand3d.trainer import train
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"run_dir={tmp_path / 'run'}", *TINY,
+                                                      "model_template.joints_only=true", "trainer.max_steps=1"])
+    train(cfg)
+    rgb_write(tmp_path / "a.png", hands["crop"])
+    conf = OmegaConf.load(CONFIGS / "demo.yaml")
+    conf.pop("defaults"), conf.pop("hydra")
+    conf.update(ckpt=str(tmp_path / "run" / "checkpoints" / "last.pt"), input=str(tmp_path / "a.png"),
+                out=str(tmp_path / "out"), device="cpu")
+    assert demo.run_demo(conf)[:2] == (0, 1)
+    rec = load(tmp_path / "out", "a")
+    assert np.asarray(rec["joints_xyz_m"]).shape == (21, 3) and "verts_xyz_m" not in rec
+    assert (tmp_path / "out" / "a_3d.png").is_file()
+
+
 def test_real_freihand_photos_run_and_are_scored(ckpt, tmp_path):
     if not REAL.is_dir():
         pytest.skip(f"real samples not found at {REAL} (a clone without ../shared)")
