@@ -197,6 +197,11 @@ def test_left_hand_run_mirrors_in_and_out_exactly(folder_run, ckpt, hands, tmp_p
         rx, lx = np.asarray(right["joints_xyz_m"]), np.asarray(left["joints_xyz_m"])
         np.testing.assert_allclose(lx, rx * [-1.0, 1.0, 1.0], atol=1e-6)
         assert left["hand"] == "left"
+        # the crop reported is of the image as given, about the box as given
+        K = np.asarray(left["K"])
+        Kc, _ = crop_intrinsics(K, left["crop"]["center_px"], left["crop"]["side_px"], S)
+        np.testing.assert_allclose(np.asarray(left["K_crop"]), Kc, rtol=1e-5, atol=1e-3)
+        assert left["crop"]["center_px"][0] == pytest.approx(width - 1 - right["crop"]["center_px"][0], abs=2e-3)
 
 
 # ----------------------------------------------------------------------------- in-process pieces
