@@ -372,3 +372,17 @@ def retrieval_by_batch(pose_feats, text_feats, prompts: Sequence[str] | None = N
                   for s in range(0, n - b + 1, b)]
         out[int(b)] = float(np.mean(scores)) if scores else float("nan")
     return out
+
+
+# --------------------------------------------------------------------------- 2D keypoints (demo)
+def mean_error_2d(pred_uv, gt_uv) -> tuple[float, np.ndarray]:
+    """Mean Euclidean 2D keypoint error over samples and keypoints, and the per-sample means (N,), in the
+    inputs' units (pixels). (N, P, 2) or (P, 2) both."""
+    p, g = _as_float64(pred_uv, "pred_uv"), _as_float64(gt_uv, "gt_uv")
+    p, g = (a[None] if a.ndim == 2 else a for a in (p, g))
+    if p.shape != g.shape or p.ndim != 3 or p.shape[-1] != 2 or p.shape[0] == 0:
+        raise ValueError(f"mean_error_2d: expected two (N, P, 2) arrays of one shape, got {p.shape} and {g.shape}")
+    if not (np.isfinite(p).all() and np.isfinite(g).all()):
+        raise ValueError("mean_error_2d: NaN/inf in the keypoints")
+    per_sample = np.linalg.norm(p - g, axis=-1).mean(-1)
+    return float(per_sample.mean()), per_sample

@@ -135,3 +135,54 @@ def pck_figure(curves: dict, title: str = "PCK"):
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def skeleton_3d_figure(xyz: np.ndarray, verts: np.ndarray | None = None, *, title: str = "",
+                       views: Sequence[tuple[str, float, float]] = (("camera view", 0.0, -90.0),
+                                                                   ("from the side (camera on the left)", 0.0, 0.0))):
+    """A matplotlib figure of camera-frame joints (21, 3), and vertices as points, from each (name, elev,
+    azim) view. Plotted as (x, z, -y) so that the image's up is up and depth runs into the picture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    xyz = np.asarray(xyz, dtype=np.float64)
+    if xyz.shape != (NUM_JOINTS, 3):
+        raise ValueError(f"skeleton_3d_figure: xyz must be ({NUM_JOINTS}, 3), got {xyz.shape}")
+
+    def axes(p):
+        return p[..., 0], p[..., 2], -p[..., 1]
+
+    pts = xyz if verts is None else np.concatenate([xyz, np.asarray(verts, np.float64).reshape(-1, 3)])
+    centre, half = (pts.max(0) + pts.min(0)) / 2, max(float((pts.max(0) - pts.min(0)).max()) / 2, 1e-3)
+    colors = np.asarray(joint_colors(), np.float64) / 255.0
+    colors[0] = 0.0  # the wrist in black: white does not show on white
+    fig = plt.figure(figsize=(4.0 * len(views), 4.2))
+    for k, (name, elev, azim) in enumerate(views):
+        ax = fig.add_subplot(1, len(views), k + 1, projection="3d", proj_type="ortho")
+        if verts is not None:
+            ax.scatter(*axes(np.asarray(verts, np.float64).reshape(-1, 3)), s=1, c="0.6", alpha=0.5)
+        for parent, child in BONES:
+            ax.plot(*axes(xyz[[parent, child]]), color=colors[child], linewidth=2)
+        ax.scatter(*axes(xyz), s=12, c=colors, depthshade=False)
+        lo, hi = axes(centre - half), axes(centre + half)
+        for setter, a, b in zip((ax.set_xlim, ax.set_ylim, ax.set_zlim), lo, hi):
+            setter(min(a, b), max(a, b))
+        ax.set_box_aspect((1, 1, 1))
+        ax.set_xlabel("x (m)")
+        ax.set_ylabel("z (m)")
+        ax.set_zlabel("-y (m)")
+        ax.view_init(elev=elev, azim=azim)
+        # the axis along the line of sight only clutters the view with overlapping ticks
+        sight = ax.zaxis if abs(elev) > 45 else ax.yaxis if abs(abs(azim) - 90) < 45 else ax.xaxis
+        sight.set_ticklabels([])
+        sight.label.set_visible(False)
+        for axis in (ax.xaxis, ax.yaxis, ax.zaxis):
+            axis.set_major_locator(MaxNLocator(4))
+        ax.set_title(name, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
