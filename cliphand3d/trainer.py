@@ -29,7 +29,8 @@ from .ema import ModelEMA
 from .engine import NonFiniteLossError, TrainState, autocast_for, predict, train_one_epoch, unwrap
 from .models.template import MeshTemplate
 from .models.training import TrainingModule
-from .preflight import check_config
+from .data.base import SkipCounter
+from .preflight import check_config, check_free_space, check_writable, state_bytes
 from .run_logger import RunLogger
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,14 @@ def check_gradients(module: torch.nn.Module) -> bool:
     return True
 
 
+def check_checkpoint_space(ckpt_dir: Path, module: torch.nn.Module, ema) -> None:
+    """A checkpoint holds the weights, AdamW's two moments per trainable weight and the EMA copy; while it is
+    written its temp copy sits beside the file it replaces. Checked before the first step, not at the first save."""
+    trainable = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+    size = state_bytes(module) + 2 * trainable + (state_bytes(ema.module) if ema is not None else 0)
+    check_free_space(ckpt_dir, 2 * size, "run_dir", "a checkpoint and its temp copy while it is written")
+
+
 # --------------------------------------------------------------------------- resume
 # Config keys a resume may change: they decide where a run lives and how it is watched, validated and
 # checkpointed, never the weights it computes (an item is a function of (seed, epoch, index) whichever
@@ -208,6 +217,7 @@ RESUME_MAY_CHANGE = (
     "trainer.num_workers", "trainer.val_batch_size", "trainer.val_every_steps", "trainer.val_every_epochs",
     "trainer.ckpt_every_steps", "trainer.save_init", "trainer.record_samples",
     "trainer.max_nonfinite_steps",                    # only decides when a failing run stops
+    "data.skip_bad", "data.train.skip_bad",           # only decides whether an unreadable file stops the run
 )
 
 
@@ -245,6 +255,7 @@ def check_resumable(saved: dict, cfg: DictConfig, path: Path, *, world_size: int
 def train(cfg: DictConfig) -> dict:
     """Train as configured; returns the last validation metrics (and writes them to the run dir)."""
     check_config(cfg)  # before any data, model or process group is built
+    check_writable(Path(cfg.run_dir) / "checkpoints", "run_dir")
     rank, world, local_rank = dist.init_distributed(cfg.trainer.get("dist_backend"))
     try:
         return _train(cfg, rank, world, local_rank)
@@ -316,6 +327,9 @@ def _train(cfg: DictConfig, rank: int, world: int, local_rank: int) -> dict:
     _, scaler = autocast_for(device, tcfg.amp)
     ema = ModelEMA(unwrap(module).model, decay=float(tcfg.ema_decay)) if tcfg.get("ema_decay") else None
     state = TrainState(world_size=world, batch_size=bs)
+    if main:
+        check_checkpoint_space(ckpt_dir, unwrap(module), ema)
+    skips = SkipCounter(saved.get("skipped_bad", 0) if saved is not None else 0)
 
     if saved is not None:
         load_model_weights(unwrap(module).model, saved["model"], str(resume_path))
@@ -363,6 +377,7 @@ def _train(cfg: DictConfig, rank: int, world: int, local_rank: int) -> dict:
             "rng": capture_rng_state(),
             "config": config_to_container(cfg),
             "protocol": getattr(train_set, "protocol", "freihand"),
+            "skipped_bad": skips.total,
         })
 
     recorder = SampleRecorder(run_dir / "samples" / f"rank{rank}.jsonl") if tcfg.get("record_samples") else None
@@ -411,6 +426,7 @@ def _train(cfg: DictConfig, rank: int, world: int, local_rank: int) -> dict:
             train_set.set_epoch(state.epoch)
             loader = make_loader(train_set, batch_size=bs, sampler=sampler, drop_last=True,
                                  num_workers=int(tcfg.num_workers), device=device)
+            loader = skips.wrap(loader)
             if recorder is not None:
                 loader = recorder.wrap(loader)
             train_one_epoch(module, loader, optimizer, scheduler, state, device=device, total_steps=total_steps,
@@ -447,7 +463,10 @@ def _train(cfg: DictConfig, rank: int, world: int, local_rank: int) -> dict:
         summary = {"steps": state.step, "samples_seen": state.samples_seen, "wall_s": round(wall, 1),
                    "best_step": state.best_step,
                    "best": state.best_metric, "last": last_metrics, "world_size": world,
-                   "rank_weight_checksums": checksums}
+                   "rank_weight_checksums": checksums, "skipped_bad": skips.total}
+        if skips.total:
+            log.warning("data.skip_bad: %d training item(s) were unreadable and replaced by the next readable "
+                        "one (each named above); run scripts/check_data.py to list the damaged files", skips.total)
         (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         log.info("done: %d steps in %.0f s; best %s=%.4g at step %d; checkpoints in %s", state.step, wall,
                  cfg.trainer.monitor, state.best_metric, state.best_step, ckpt_dir)
