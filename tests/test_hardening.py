@@ -330,3 +330,14 @@ def test_training_skips_a_corrupt_image_and_counts_it_in_the_log_and_summary(dam
     assert log_text.count(f"skipping item 0 of FreiHAND: image is truncated or corrupt: {bad}") == 3
     assert "data.skip_bad: 3 training item(s) were unreadable" in log_text
     assert load_checkpoint(out / "checkpoints" / "last.pt")["skipped_bad"] == 3
+
+
+def test_check_data_counts_the_unreadable_images(damaged):
+    from cliphand3d.data import doctor
+
+    root, bad = damaged
+    lines = []
+    problems = doctor.run(data_format="freihand", root=root, builders={}, out=None, image_check=None,
+                          check_kwargs={"versions": [0]}, log=lines.append)
+    assert [p.file for p in problems] == [str(bad)]
+    assert "1 unreadable image(s) among those read (listed below); training with data.skip_bad=true" in "\n".join(lines)
