@@ -218,6 +218,7 @@ def adopt_init_config(cfg: DictConfig, init_cfg, cli_overrides=()) -> DictConfig
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(mine))
     if "pretrained" in cfg.model:
         cfg.model.pretrained = None
+    check_model_config(cfg, f"init_from={cfg.get('init_from')}")
     saved_size = OmegaConf.select(init_cfg, "data.img_size")
     if saved_size is not None and int(saved_size) != int(cfg.data.img_size):
         raise ValueError(f"init_from: the checkpoint's model was built for data.img_size={saved_size}, this run "
