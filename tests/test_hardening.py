@@ -341,3 +341,11 @@ def test_check_data_counts_the_unreadable_images(damaged):
                           check_kwargs={"versions": [0]}, log=lines.append)
     assert [p.file for p in problems] == [str(bad)]
     assert "1 unreadable image(s) among those read (listed below); training with data.skip_bad=true" in "\n".join(lines)
+
+
+def test_a_run_folder_holding_a_run_is_not_overwritten(tmp_path):
+    save_checkpoint(tmp_path / "checkpoints" / "last.pt", {"step": 5})
+    res = run(TRAIN, f"run_dir={tmp_path}", f"hydra.run.dir={tmp_path}")
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert f"{tmp_path / 'checkpoints' / 'last.pt'} exists: this run folder already holds a run" in res.stderr
+    assert "resume=auto" in res.stderr and load_checkpoint(tmp_path / "checkpoints" / "last.pt") == {"step": 5}
