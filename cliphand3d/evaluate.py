@@ -320,6 +320,16 @@ def pick_best_median_worst(errors, k: int) -> dict[str, list[int]]:
     return {"best": order[:k], "median": order[start:start + k], "worst": order[::-1][:k]}
 
 
+def protocol_errors(protocol: str, preds: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(per-sample (N,), per-joint (21,)) means in mm of metrics.protocol_joint_errors; NaN for a sample or
+    joint never visible (RHD)."""
+    visible = preds.get("visible") if protocol == "rhd" else None
+    joint_err = metrics.protocol_joint_errors(protocol, preds["pred_xyz"], preds["gt_xyz"], visible)
+    with warnings.catch_warnings():  # no visible joint: no mean (NaN: not picked, no bar), not a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(joint_err, axis=1), np.nanmean(joint_err, axis=0)
+
+
 def error_sample_grid(dataset, preds: dict, errors, k: int, unit: str = "mm") -> tuple[list, list]:
     """(tiles, captions): best / median / worst predictions by `errors` (one per row of preds), each as
     viz.draw_pred_vs_gt on its crop. Only the chosen items are read back from `dataset`, so memory does
@@ -346,11 +356,7 @@ def _error_pictures(out_dir: Path, protocol: str, preds: dict, dataset, k: int =
     from . import viz
     from .skeleton import JOINT_NAMES
 
-    visible = preds.get("visible") if protocol == "rhd" else None
-    joint_err = metrics.protocol_joint_errors(protocol, preds["pred_xyz"], preds["gt_xyz"], visible)
-    with warnings.catch_warnings():  # a joint never visible has no mean: NaN (no bar), not a warning
-        warnings.simplefilter("ignore", RuntimeWarning)
-        per_sample, per_joint = np.nanmean(joint_err, axis=1), np.nanmean(joint_err, axis=0)
+    per_sample, per_joint = protocol_errors(protocol, preds)
     if np.isfinite(per_sample).any():
         tiles, captions = error_sample_grid(dataset, preds, per_sample, k)
         viz.make_grid(tiles, captions, out_dir / "samples.png", cols=len(tiles) // len(SAMPLE_GROUPS))

@@ -69,22 +69,17 @@ class RunLogger:
         # the curve whose area is logged as val/auc_pa_0_50 (FreiHAND) or val/auc_0_50 (RHD)
         protocol = getattr(dataset, "protocol", "freihand")
         visible = preds.get("visible") if protocol == "rhd" else None
-        self._ranked_samples(dataset, preds, protocol, visible, step)
+        self._ranked_samples(dataset, preds, protocol, step)
         curve = metrics.protocol_pck_curve(protocol, preds["pred_xyz"], preds["gt_xyz"], visible)
         title = "val PCK, hand3d (root, bone, visible)" if protocol == "rhd" else "val PCK, Procrustes-aligned"
         self.writer.add_figure("val/pck", viz.pck_figure({"model": curve}, title=title), step)
 
-    def _ranked_samples(self, dataset, preds: dict, protocol: str, visible, step: int) -> None:
+    def _ranked_samples(self, dataset, preds: dict, protocol: str, step: int) -> None:
         """The grid eval.py writes as samples.png: best / median / worst by the protocol's per-sample error."""
-        import warnings
+        from . import viz
+        from .evaluate import SAMPLE_GROUPS, error_sample_grid, protocol_errors
 
-        from . import metrics, viz
-        from .evaluate import SAMPLE_GROUPS, error_sample_grid
-
-        joint_err = metrics.protocol_joint_errors(protocol, preds["pred_xyz"], preds["gt_xyz"], visible)
-        with warnings.catch_warnings():  # a sample with no visible joint has no error and is not picked
-            warnings.simplefilter("ignore", RuntimeWarning)
-            per_sample = np.nanmean(joint_err, axis=1)
+        per_sample, _ = protocol_errors(protocol, preds)
         if not np.isfinite(per_sample).any():
             return
         tiles, captions = error_sample_grid(dataset, preds, per_sample, self.samples_per_group)
