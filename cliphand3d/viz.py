@@ -91,13 +91,14 @@ def grid_image(images: Sequence[np.ndarray], captions: Sequence[Sequence[str]], 
         raise ValueError("make_grid: no images")
     if len(captions) != len(images):
         raise ValueError(f"make_grid: {len(images)} images but {len(captions)} captions")
-    tile = max(max(im.shape[:2]) for im in images)
+    # cells as tall as the tallest image and as wide as the widest (wide pred | plain tiles leave no gap)
+    tile_h, tile_w = max(im.shape[0] for im in images), max(im.shape[1] for im in images)
     line_h = cv2.getTextSize("Ag", _FONT, font_scale, 1)[0][1] + 5
-    wrapped = [[ln for text in cap for ln in _wrap(text, tile, font_scale)] for cap in captions]
+    wrapped = [[ln for text in cap for ln in _wrap(text, tile_w, font_scale)] for cap in captions]
     text_h = max(len(w) for w in wrapped) * line_h + pad
     cols = max(1, min(cols, len(images)))
     rows = -(-len(images) // cols)
-    cell_w, cell_h = tile + pad, tile + text_h + pad
+    cell_w, cell_h = tile_w + pad, tile_h + text_h + pad
     canvas = np.full((rows * cell_h + pad, cols * cell_w + pad, 3), 255, np.uint8)
     for i, (im, lines) in enumerate(zip(images, wrapped)):
         x0, y0 = pad + (i % cols) * cell_w, pad + (i // cols) * cell_h
@@ -106,7 +107,7 @@ def grid_image(images: Sequence[np.ndarray], captions: Sequence[Sequence[str]], 
             im = np.repeat(im[..., None], 3, axis=2)
         canvas[y0:y0 + im.shape[0], x0:x0 + im.shape[1]] = im[..., :3]
         for k, line in enumerate(lines):
-            cv2.putText(canvas, line, (x0, y0 + tile + (k + 1) * line_h), _FONT, font_scale, (0, 0, 0), 1, cv2.LINE_AA)
+            cv2.putText(canvas, line, (x0, y0 + tile_h + (k + 1) * line_h), _FONT, font_scale, (0, 0, 0), 1, cv2.LINE_AA)
     return canvas
 
 
@@ -133,7 +134,9 @@ def per_joint_figure(names: Sequence[str], errors_mm: Sequence[float], title: st
     if len(names) != len(values):
         raise ValueError(f"per_joint_figure: {len(names)} names but {len(values)} errors")
     fig, ax = plt.subplots(figsize=(7.0, 3.5))
-    colors = [tuple(c / 255 for c in rgb) for rgb in joint_colors()][:len(values)]
+    # the wrist's white skeleton colour would vanish on the white chart: grey there
+    colors = [tuple(c / 255 for c in (rgb if rgb != WRIST_COLOR else (150, 150, 150))) for rgb in joint_colors()]
+    colors = colors[:len(values)]
     ax.bar(np.arange(len(values)), np.nan_to_num(values), color=colors, edgecolor="black", linewidth=0.5)
     ax.set_xticks(np.arange(len(values)), list(names), rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("error (mm)")

@@ -86,7 +86,7 @@ def test_training_run_writes_scalars_skeletons_and_pck_to_tensorboard(tmp_path):
     events = ea.Images("val/samples")
     assert [e.step for e in events] == [2, 4]
     for e in events:
-        assert e.width == 3 * (2 * IMG + 6) + 6 and 3 * 2 * IMG < e.height < 3 * 3 * IMG
+        assert e.width == 3 * (2 * IMG + 6) + 6 and 3 * IMG < e.height < 3 * 2 * IMG
 
 
 # --------------------------------------------------------------------------- figure content
