@@ -145,6 +145,7 @@ def load_model(path, overrides=(), device="cpu", use_ema: bool = True):
 
     ckpt = load_checkpoint(path)
     cfg = checkpoint_config(ckpt, str(path), overrides)
+    check_model_config(cfg, str(path))
     built = cfg.copy()
     if "pretrained" in built.model:  # the checkpoint brings every weight: never fetch ImageNet ones
         built.model.pretrained = None
@@ -154,6 +155,48 @@ def load_model(path, overrides=(), device="cpu", use_ema: bool = True):
         weights = ckpt["ema"]["module"]
     load_model_weights(model, weights, str(path))
     return model.to(torch.device(device)).eval(), cfg, ckpt
+
+
+# Arguments build_model passes itself, never read from the config.
+_BUILD_ARGS = ("template", "embed_dim")
+
+
+def check_model_config(cfg: DictConfig, where: str) -> None:
+    """A checkpoint's stored `model` config against the model class it names, before anything is built:
+    keys the current code no longer takes (a config from an older or newer cliphand3d) and required ones
+    it lacks are listed in one CheckpointError; keys it lacks that have defaults are logged."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    from .checkpoint import CheckpointError
+
+    target = cfg.model.get("_target_") if OmegaConf.is_dict(cfg.get("model")) else None
+    try:
+        params = inspect.signature(get_class(str(target))).parameters
+    except Exception as e:  # noqa: BLE001 - a missing module, class or _target_ all mean the same here
+        raise CheckpointError(f"{where}: its config's model._target_={target!r} cannot be imported by this "
+                              f"cliphand3d ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); it was "
+                              "written by another version: evaluate it with that version") from None
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    given = {str(k) for k in cfg.model if not str(k).startswith("_")}
+    taken = {n for n in params if n not in _BUILD_ARGS}
+    unknown = sorted(given - taken)
+    required = sorted(n for n in taken - given if params[n].default is inspect.Parameter.empty)
+    defaulted = sorted(n for n in taken - given if params[n].default is not inspect.Parameter.empty)
+    if defaulted:
+        log.warning("%s: its config has no model.%s; using the current defaults (%s)", where,
+                    ", model.".join(defaulted), ", ".join(f"{n}={params[n].default!r}" for n in defaulted))
+    if unknown or required:
+        lines = [f"{where}: its config does not fit the current model code ({target}):"]
+        if unknown:
+            lines.append("  keys the current code does not take: " + ", ".join(f"model.{k}" for k in unknown))
+        if required:
+            lines.append("  required keys the config lacks: " + ", ".join(f"model.{k}" for k in required))
+        lines.append("  fix: the checkpoint was written by another cliphand3d version (older config); evaluate it "
+                     "with that version, or re-save its config without those keys if you know they are inert")
+        raise CheckpointError("\n".join(lines))
 
 
 # ----------------------------------------------------------------------------- init_from (fine-tuning)
@@ -176,6 +219,7 @@ def adopt_init_config(cfg: DictConfig, init_cfg, cli_overrides=()) -> DictConfig
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(mine))
     if "pretrained" in cfg.model:
         cfg.model.pretrained = None
+    check_model_config(cfg, f"init_from={cfg.get('init_from')}")
     saved_size = OmegaConf.select(init_cfg, "data.img_size")
     if saved_size is not None and int(saved_size) != int(cfg.data.img_size):
         raise ValueError(f"init_from: the checkpoint's model was built for data.img_size={saved_size}, this run "

@@ -10,10 +10,13 @@ state would otherwise only fail much later, when the run is resumed.
 from __future__ import annotations
 
 import collections
+import errno
+import glob
 import logging
 import os
 import pickle
 import random
+import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -144,8 +147,12 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
                         "torch.load(weights_only=True) refuses; store tensors, Python numbers, "
                         "str, lists or dicts instead (e.g. float(x) for a numpy scalar, "
                         "torch.from_numpy(a) for an array, config_to_container(cfg) for a config)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(path)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from e
     try:
         with os.fdopen(fd, "wb") as f:
             if hasattr(os, "fchmod"):
@@ -154,14 +161,48 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError):
+            raise _write_error(path, e) from e
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Temp files of `path` left by a process killed mid-write (SIGKILL skips the cleanup): each can be
+    as big as a checkpoint, so a run killed often would otherwise fill its disk. One writer per file
+    (rank 0), so a temp file of this name found here is never one being written."""
+    for stale in path.parent.glob(f"{glob.escape(_temp_prefix(path))}*.tmp"):
+        try:
+            stale.unlink()
+            log.info("removed %s, left by a checkpoint write that was interrupted", stale)
+        except FileNotFoundError:
+            pass
+
+
+def _write_error(path: Path, e: OSError) -> CheckpointError:
+    """An OSError while writing `path` (disk full, folder not writable, quota) as an error naming the file."""
+    reason = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2 ** 20:.0f} MB free"
+        except OSError:
+            free = "free space unknown"
+        fix = f"free space on the disk holding {path.parent} ({free}) or point run_dir elsewhere"
+    else:
+        fix = f"make {path.parent} writable or point run_dir (eval.py: out_dir) at a writable folder"
+    kept = "the previous file is kept unchanged" if path.is_file() else "no earlier file existed"
+    return CheckpointError(f"cannot write checkpoint {path}: {reason} (errno {e.errno}); {kept}.\n  fix: {fix}, "
+                           "then resume=auto continues from the last good checkpoint")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
@@ -171,6 +212,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         what = "is a folder, not a file" if path.is_dir() else "does not exist"
         raise FileNotFoundError(f"checkpoint {path} {what}; pass the .pt file written by training "
                                 "(<run dir>/checkpoints/last.pt or best.pt)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): not a checkpoint, or a copy that did not "
+                              "finish; use another checkpoint (best.pt, an older copy) or start afresh with "
+                              "resume=none")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises KeyError, EOFError, RuntimeError, ...

@@ -1,6 +1,7 @@
 """scripts/eval.py's work: rebuild the model from a checkpoint, run the data's protocol, write results.
 
-Outputs (in `out_dir`): metrics.json, per_sample.csv, pck.png, a Markdown table (printed too) with a
+Outputs (in `out_dir`): metrics.json, per_sample.csv, pck.png, samples.png (best / median / worst
+predictions on their crops), per_joint.png (mean error per joint), a Markdown table (printed too) with a
 mean-pose baseline row, and for FreiHAND-format data the official submission file pred.json.
 """
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from .build import build_datasets, build_prompts, check_split, load_model
 from .data.base import DatasetError
 from .engine import PLACEMENTS, predict
 from .geometry import root_and_bone_from_uvd, uvd_to_xyz
+from .preflight import check_writable
 from .skeleton import bone_length
 from .trainer import TextBranch, make_loader, pick_device, template_from_state
 
@@ -44,19 +47,39 @@ def eval_batch_size(cfg: DictConfig, model) -> int:
 
 def eval_config(cfg: DictConfig, saved: DictConfig) -> DictConfig:
     """The run's config with eval-time data overrides: `data=NAME` replaces the data group,
-    `root=DIR` sets data.root and the root of every split entry."""
+    `root=DIR` (or `data.root=DIR`, the key train.py takes) sets data.root and the root of every split entry."""
     run = saved.copy()
     OmegaConf.set_struct(run, False)
-    if cfg.get("data") is not None:
-        run.data = cfg.data
+    data = cfg.get("data")
+    if _data_config_chosen(data):
+        run.data = data  # its split entries read ${data.root}, data.root=DIR included
         run.data.img_size = saved.data.img_size  # the model was built for this crop size
-    if cfg.get("root") is not None:
-        run.data.root = cfg.root
+    root = _eval_root(cfg)
+    if root is not None:
+        run.data.root = root
         # a checkpoint stores its config resolved: the split entries hold the old path, not ${data.root}
         for node in run.data.values():
             if OmegaConf.is_dict(node) and "root" in node:
-                node.root = cfg.root
+                node.root = root
     return run
+
+
+def _data_config_chosen(data) -> bool:
+    """eval.yaml's `data` node holds only `root` unless data=NAME composed a whole data config into it."""
+    return data is not None and data.get("name") is not None
+
+
+def _eval_root(cfg: DictConfig):
+    """root=DIR, or data.root=DIR without data=NAME; both with different folders is refused."""
+    from .preflight import ConfigError
+
+    data = cfg.get("data")
+    data_root = data.get("root") if data is not None and not _data_config_chosen(data) else None
+    root = cfg.get("root")
+    if root is not None and data_root is not None and str(root) != str(data_root):
+        raise ConfigError(f"root={root} and data.root={data_root} name different folders; give one of them "
+                          "(eval.py root=DIR or data.root=DIR)")
+    return root if root is not None else data_root
 
 
 def training_mean_uvd(train_set, num_samples: int) -> dict:
@@ -135,6 +158,8 @@ def write_pred_json(path: Path, pred_xyz: np.ndarray, pred_verts: np.ndarray | N
 def run_eval(cfg: DictConfig) -> dict:
     split = check_split(cfg.split)  # before any time is spent on the checkpoint
     ckpt_path = Path(cfg.ckpt).expanduser()
+    out_dir = Path(cfg.out_dir).expanduser() if cfg.get("out_dir") else ckpt_path.parent.parent / f"eval_{ckpt_path.stem}"
+    check_writable(out_dir, "out_dir", keep=False)  # before minutes of predictions are spent
     device = pick_device(cfg.device, 0)
     model, saved, ckpt = load_model(ckpt_path, model_overrides(cfg), device, use_ema=bool(cfg.use_ema))
     run = eval_config(cfg, saved)
@@ -164,7 +189,6 @@ def run_eval(cfg: DictConfig) -> dict:
         log.warning("%d of %d samples: no root depth makes the predicted wrist -> middle-MCP bone one bone long "
                     "(its predicted depth step exceeds it); the nearest depth was used", inexact, len(order))
 
-    out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else ckpt_path.parent.parent / f"eval_{ckpt_path.stem}"
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"checkpoint": str(ckpt_path), "protocol": getattr(dataset, "protocol", "freihand"), "split": split,
               "num_samples": len(order), "step": ckpt.get("train_state", {}).get("step"), "placement": placed,
@@ -173,7 +197,7 @@ def run_eval(cfg: DictConfig) -> dict:
         write_pred_json(out_dir / "pred.json", preds["pred_xyz"], preds.get("pred_verts"))
     if not labelled:
         return _predictions_only(result, dataset, out_dir, _wants_pred_json(cfg, dataset))
-    result.update(_score(cfg, run, preds, template, model, ckpt_path, out_dir, result["protocol"]))
+    result.update(_score(cfg, run, preds, template, model, ckpt_path, out_dir, result["protocol"], dataset))
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     where = ("the true root depth and bone (demo protocol)" if placed == "gt" else
              "root depth and bone estimated from the predicted uvd, K and the scale |xyz[9] - xyz[10]|")
@@ -209,8 +233,9 @@ def _predictions_only(result: dict, dataset, out_dir: Path, wrote_pred: bool) ->
 
 
 def _score(cfg: DictConfig, run: DictConfig, preds: dict, template, model, ckpt_path: Path, out_dir: Path,
-           protocol: str) -> dict:
-    """Metrics, retrieval and the two baselines; writes per_sample.csv, pck.png and table.md."""
+           protocol: str, dataset) -> dict:
+    """Metrics, retrieval and the two baselines; writes per_sample.csv, pck.png, samples.png, per_joint.png
+    and table.md."""
     res = metrics.evaluate(protocol, preds["pred_xyz"], preds["gt_xyz"], preds.get("pred_verts"),
                            preds.get("gt_verts"), preds.get("visible"))
     for a in ("x", "y", "z"):
@@ -236,8 +261,9 @@ def _score(cfg: DictConfig, run: DictConfig, preds: dict, template, model, ckpt_
         for i, idx in enumerate(preds["index"]):
             w.writerow([int(idx), f"{per['pa_mpjpe_mm'][i]:.3f}", f"{per['mpjpe_mm'][i]:.3f}"])
     _pck_plot(out_dir / "pck.png", protocol, preds, base_preds)
+    per_joint = _error_pictures(out_dir, protocol, preds, dataset)
     (out_dir / "table.md").write_text(markdown_table({f"CLIP-Hand3D ({ckpt_path.name})": res, **baselines}))
-    return {**res, "baseline_mean_pose": baselines["mean-pose baseline"],
+    return {**res, "per_joint_mm": per_joint, "baseline_mean_pose": baselines["mean-pose baseline"],
             "baseline_mean_shape_oracle_rotation": baselines["mean shape, oracle rotation"]}
 
 
@@ -277,3 +303,64 @@ def _pck_plot(path: Path, protocol: str, preds: dict, baselines: dict) -> None:
               for name, p in (("model", preds["pred_xyz"]), *baselines.items())}
     title = "PCK (Procrustes-aligned)" if protocol != "rhd" else "PCK (hand3d: root-relative, GT MCP-PIP bone)"
     viz.pck_figure(curves, title=title).savefig(path, dpi=120, bbox_inches="tight")
+
+
+# --------------------------------------------------------------------------- pictures of the errors
+SAMPLE_GROUPS = ("best", "median", "worst")
+
+
+def pick_best_median_worst(errors, k: int) -> dict[str, list[int]]:
+    """Positions of the k lowest, the k around the median and the k highest of `errors` (N,), each group in
+    ascending error except `worst` (highest first). NaN errors (no visible joint) are never picked."""
+    e = np.asarray(errors, dtype=np.float64)
+    order = [int(i) for i in np.argsort(e, kind="stable") if np.isfinite(e[i])]
+    n, k = len(order), max(1, int(k))
+    k = min(k, n)
+    start = max(0, (n - k) // 2)
+    return {"best": order[:k], "median": order[start:start + k], "worst": order[::-1][:k]}
+
+
+def protocol_errors(protocol: str, preds: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(per-sample (N,), per-joint (21,)) means in mm of metrics.protocol_joint_errors; NaN for a sample or
+    joint never visible (RHD)."""
+    visible = preds.get("visible") if protocol == "rhd" else None
+    joint_err = metrics.protocol_joint_errors(protocol, preds["pred_xyz"], preds["gt_xyz"], visible)
+    with warnings.catch_warnings():  # no visible joint: no mean (NaN: not picked, no bar), not a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(joint_err, axis=1), np.nanmean(joint_err, axis=0)
+
+
+def error_sample_grid(dataset, preds: dict, errors, k: int, unit: str = "mm") -> tuple[list, list]:
+    """(tiles, captions): best / median / worst predictions by `errors` (one per row of preds), each as
+    viz.draw_pred_vs_gt on its crop. Only the chosen items are read back from `dataset`, so memory does
+    not grow with the set."""
+    from . import viz
+    from .data.transforms import denormalize_image
+    from .geometry import project
+
+    tiles, captions = [], []
+    for group, positions in pick_best_median_worst(errors, k).items():
+        for rank, pos in enumerate(positions):
+            index = int(preds["index"][pos])
+            item = dataset[index]
+            K = item["K"].numpy().astype(np.float64)
+            gt_uv = project(np.asarray(preds["gt_xyz"][pos], np.float64), K)
+            pred_uv = project(np.asarray(preds["pred_xyz"][pos], np.float64), K)
+            tiles.append(viz.draw_pred_vs_gt(denormalize_image(item["image"]), pred_uv, gt_uv))
+            captions.append([f"{group} {rank + 1}: item {index}, {float(errors[pos]):.1f} {unit}"])
+    return tiles, captions
+
+
+def _error_pictures(out_dir: Path, protocol: str, preds: dict, dataset, k: int = 4) -> dict[str, float]:
+    """samples.png (best / median / worst rows) and per_joint.png; returns the per-joint mean errors (mm)."""
+    from . import viz
+    from .skeleton import JOINT_NAMES
+
+    per_sample, per_joint = protocol_errors(protocol, preds)
+    if np.isfinite(per_sample).any():
+        tiles, captions = error_sample_grid(dataset, preds, per_sample, k)
+        viz.make_grid(tiles, captions, out_dir / "samples.png", cols=len(tiles) // len(SAMPLE_GROUPS))
+    name = "PA joint error" if protocol != "rhd" else "hand3d EPE (visible joints)"
+    fig = viz.per_joint_figure(JOINT_NAMES, per_joint, title=f"mean {name} per joint, {len(per_sample)} samples")
+    fig.savefig(out_dir / "per_joint.png", dpi=120, bbox_inches="tight")
+    return {n: float(v) for n, v in zip(JOINT_NAMES, per_joint)}

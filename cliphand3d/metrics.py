@@ -303,6 +303,21 @@ def protocol_pck_curve(protocol: str, pred_xyz, gt_xyz, visible=None) -> tuple[n
     return pck_curve(np.linalg.norm(procrustes_align(p, g) - g, axis=-1), lo=lo, hi=hi, steps=steps)
 
 
+def protocol_joint_errors(protocol: str, pred_xyz, gt_xyz, visible=None) -> np.ndarray:
+    """(N, 21) mm: the per-joint distances the protocol's headline error averages (FreiHAND / synthetic:
+    Procrustes-aligned, `pa_mpjpe_mm`; RHD: hand3d-normalised, `epe_mean_mm`), NaN where a joint is not
+    visible (RHD). nanmean over samples gives the per-joint error, over joints the per-sample error."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol_joint_errors: unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
+    p, g = _pair(pred_xyz, gt_xyz, "pred_xyz", "gt_xyz", NUM_JOINTS)
+    if protocol != "rhd":
+        return np.linalg.norm(procrustes_align(p, g) - g, axis=-1) * 1000.0
+    p_s, g_rr = hand3d_normalise(p, g)
+    d = np.linalg.norm(p_s - g_rr, axis=-1) * 1000.0
+    v = _visibility(visible, d.shape)
+    return d if v is None else np.where(v, d, np.nan)
+
+
 # Metrics where a larger value is better; every other key (errors in mm) is lower-is-better.
 HIGHER_IS_BETTER_PREFIXES = ("auc_", "f5", "f15", "retrieval_")
 

@@ -6,6 +6,11 @@ reads, train without an error at all. `check_config` names the key, the bad valu
 """
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import numpy as np
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
@@ -96,3 +101,41 @@ def check_config(cfg: DictConfig) -> None:
                 if (p := check(cfg)) is not None]
     if problems:
         raise ConfigError("the config cannot train:\n  " + "\n  ".join(problems))
+
+
+# --------------------------------------------------------------------------- output folders
+def check_writable(folder: str | os.PathLike, key: str, keep: bool = True) -> Path:
+    """Create `folder` and write, fsync and remove a probe file in it, so an unwritable or full output folder
+    stops the run naming `key` and the path before any time is spent; returns the folder. keep=False removes
+    the folders the probe created (eval.py creates its out_dir only once it has results)."""
+    folder = Path(folder).expanduser()
+    created = next((p for p in reversed([folder, *folder.parents]) if not p.exists()), None)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_probe.", dir=folder)
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot write to {folder}: {e.strerror or e} (errno {e.errno}).\n  fix: choose a "
+                          f"writable folder with free space ({key}=DIR), or fix the permissions of {folder}") from None
+    if not keep and created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+    return folder
+
+
+def state_bytes(*modules) -> int:
+    """Bytes of the tensors in the modules' state dicts (parameters and buffers)."""
+    return sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
+
+
+def check_free_space(folder: str | os.PathLike, need_bytes: int, key: str, what: str) -> None:
+    """Stop before training when the disk holding `folder` has less than `need_bytes` free."""
+    free = shutil.disk_usage(folder).free
+    if free >= need_bytes:
+        return
+    raise ConfigError(f"{key}: the disk holding {folder} has {free / 2 ** 20:.0f} MB free, and {what} needs about "
+                      f"{need_bytes / 2 ** 20:.0f} MB.\n  fix: free space there or choose another folder ({key}=DIR)")

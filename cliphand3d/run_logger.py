@@ -1,4 +1,5 @@
-"""What a run shows a person: a tqdm bar, TensorBoard scalars, skeleton images and the PCK curve.
+"""What a run shows a person: a tqdm bar, TensorBoard scalars, skeleton images, the best / median / worst
+validation samples and the PCK curve.
 
 Only rank 0 logs; on other ranks every method is a no-op so the training code needs no rank checks.
 """
@@ -26,9 +27,10 @@ class _NullBar:
 
 class RunLogger:
     def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True,
-                 num_images: int = 8):
+                 num_images: int = 8, samples_per_group: int = 3):
         self.enabled = enabled
         self.num_images = num_images
+        self.samples_per_group = samples_per_group  # tiles per row of val/samples (best, median, worst)
         self.writer = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -67,9 +69,22 @@ class RunLogger:
         # the curve whose area is logged as val/auc_pa_0_50 (FreiHAND) or val/auc_0_50 (RHD)
         protocol = getattr(dataset, "protocol", "freihand")
         visible = preds.get("visible") if protocol == "rhd" else None
+        self._ranked_samples(dataset, preds, protocol, step)
         curve = metrics.protocol_pck_curve(protocol, preds["pred_xyz"], preds["gt_xyz"], visible)
         title = "val PCK, hand3d (root, bone, visible)" if protocol == "rhd" else "val PCK, Procrustes-aligned"
         self.writer.add_figure("val/pck", viz.pck_figure({"model": curve}, title=title), step)
+
+    def _ranked_samples(self, dataset, preds: dict, protocol: str, step: int) -> None:
+        """The grid eval.py writes as samples.png: best / median / worst by the protocol's per-sample error."""
+        from . import viz
+        from .evaluate import SAMPLE_GROUPS, error_sample_grid, protocol_errors
+
+        per_sample, _ = protocol_errors(protocol, preds)
+        if not np.isfinite(per_sample).any():
+            return
+        tiles, captions = error_sample_grid(dataset, preds, per_sample, self.samples_per_group)
+        grid = viz.grid_image(tiles, captions, cols=len(tiles) // len(SAMPLE_GROUPS))
+        self.writer.add_image("val/samples", grid, step, dataformats="HWC")
 
     def close(self) -> None:
         if self.writer is not None:

@@ -29,7 +29,8 @@ from .ema import ModelEMA
 from .engine import NonFiniteLossError, TrainState, autocast_for, predict, train_one_epoch, unwrap
 from .models.template import MeshTemplate
 from .models.training import TrainingModule
-from .preflight import check_config
+from .data.base import SkipCounter
+from .preflight import check_config, check_free_space, check_writable, state_bytes
 from .run_logger import RunLogger
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,14 @@ def check_gradients(module: torch.nn.Module) -> bool:
     return True
 
 
+def check_checkpoint_space(ckpt_dir: Path, module: torch.nn.Module, ema) -> None:
+    """A checkpoint holds the weights, AdamW's two moments per trainable weight and the EMA copy; while it is
+    written its temp copy sits beside the file it replaces. Checked before the first step, not at the first save."""
+    trainable = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+    size = state_bytes(module) + 2 * trainable + (state_bytes(ema.module) if ema is not None else 0)
+    check_free_space(ckpt_dir, 2 * size, "run_dir", "a checkpoint and its temp copy while it is written")
+
+
 # --------------------------------------------------------------------------- resume
 # Config keys a resume may change: they decide where a run lives and how it is watched, validated and
 # checkpointed, never the weights it computes (an item is a function of (seed, epoch, index) whichever
@@ -208,6 +217,7 @@ RESUME_MAY_CHANGE = (
     "trainer.num_workers", "trainer.val_batch_size", "trainer.val_every_steps", "trainer.val_every_epochs",
     "trainer.ckpt_every_steps", "trainer.save_init", "trainer.record_samples",
     "trainer.max_nonfinite_steps",                    # only decides when a failing run stops
+    "data.skip_bad", "data.train.skip_bad",           # only decides whether an unreadable file stops the run
 )
 
 
@@ -245,6 +255,7 @@ def check_resumable(saved: dict, cfg: DictConfig, path: Path, *, world_size: int
 def train(cfg: DictConfig) -> dict:
     """Train as configured; returns the last validation metrics (and writes them to the run dir)."""
     check_config(cfg)  # before any data, model or process group is built
+    check_writable(Path(cfg.run_dir) / "checkpoints", "run_dir")
     rank, world, local_rank = dist.init_distributed(cfg.trainer.get("dist_backend"))
     try:
         return _train(cfg, rank, world, local_rank)
@@ -273,6 +284,9 @@ class Run:
         self._build_module(saved, init)
         self._build_optimisation()
         self.state = TrainState(world_size=world, batch_size=self.bs)
+        if self.main:
+            check_checkpoint_space(self.ckpt_dir, unwrap(self.module), self.ema)
+        self.skips = SkipCounter(saved.get("skipped_bad", 0) if saved is not None else 0)
         if saved is not None:
             self._restore(saved)
         self._open_logs()
@@ -397,6 +411,7 @@ class Run:
             "rng": capture_rng_state(),
             "config": config_to_container(self.cfg),
             "protocol": getattr(self.train_set, "protocol", "freihand"),
+            "skipped_bad": self.skips.total,
         })
 
     def on_step(self, st: TrainState) -> None:
@@ -442,6 +457,7 @@ class Run:
             self.train_set.set_epoch(st.epoch)
             loader = make_loader(self.train_set, batch_size=self.bs, sampler=self.sampler, drop_last=True,
                                  num_workers=int(tcfg.num_workers), device=self.device)
+            loader = self.skips.wrap(loader)
             if self.recorder is not None:
                 loader = self.recorder.wrap(loader)
             train_one_epoch(self.module, loader, self.optimizer, self.scheduler, st, device=self.device,
@@ -486,7 +502,10 @@ class Run:
         st = self.state  # (the final checkpoint set samples_seen)
         summary = {"steps": st.step, "samples_seen": st.samples_seen, "wall_s": round(wall, 1),
                    "best_step": st.best_step, "best": st.best_metric, "last": self.last_metrics,
-                   "world_size": self.world, "rank_weight_checksums": checksums}
+                   "world_size": self.world, "rank_weight_checksums": checksums, "skipped_bad": self.skips.total}
+        if self.skips.total:
+            log.warning("data.skip_bad: %d training item(s) were unreadable and replaced by the next readable "
+                        "one (each named above); run scripts/check_data.py to list the damaged files", self.skips.total)
         (self.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         log.info("done: %d steps in %.0f s; best %s=%.4g at step %d; checkpoints in %s", st.step, wall,
                  self.tcfg.monitor, st.best_metric, st.best_step, self.ckpt_dir)

@@ -76,17 +76,29 @@ def _wrap(text: str, width_px: int, font_scale: float) -> list[str]:
 def make_grid(images: Sequence[np.ndarray], captions: Sequence[Sequence[str]], out: str | Path, *,
               cols: int = 4, font_scale: float = 0.33, pad: int = 6) -> Path:
     """Write a PNG grid: one tile per image (uint8 RGB, any sizes), its caption lines wrapped below it."""
+    canvas = grid_image(images, captions, cols=cols, font_scale=font_scale, pad=pad)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(out), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"make_grid: could not write {out}")
+    return out
+
+
+def grid_image(images: Sequence[np.ndarray], captions: Sequence[Sequence[str]], *, cols: int = 4,
+               font_scale: float = 0.33, pad: int = 6) -> np.ndarray:
+    """make_grid's picture as a uint8 RGB array (for TensorBoard, which takes pixels, not files)."""
     if len(images) == 0:
         raise ValueError("make_grid: no images")
     if len(captions) != len(images):
         raise ValueError(f"make_grid: {len(images)} images but {len(captions)} captions")
-    tile = max(max(im.shape[:2]) for im in images)
+    # cells as tall as the tallest image and as wide as the widest (wide pred | plain tiles leave no gap)
+    tile_h, tile_w = max(im.shape[0] for im in images), max(im.shape[1] for im in images)
     line_h = cv2.getTextSize("Ag", _FONT, font_scale, 1)[0][1] + 5
-    wrapped = [[ln for text in cap for ln in _wrap(text, tile, font_scale)] for cap in captions]
+    wrapped = [[ln for text in cap for ln in _wrap(text, tile_w, font_scale)] for cap in captions]
     text_h = max(len(w) for w in wrapped) * line_h + pad
     cols = max(1, min(cols, len(images)))
     rows = -(-len(images) // cols)
-    cell_w, cell_h = tile + pad, tile + text_h + pad
+    cell_w, cell_h = tile_w + pad, tile_h + text_h + pad
     canvas = np.full((rows * cell_h + pad, cols * cell_w + pad, 3), 255, np.uint8)
     for i, (im, lines) in enumerate(zip(images, wrapped)):
         x0, y0 = pad + (i % cols) * cell_w, pad + (i // cols) * cell_h
@@ -95,12 +107,8 @@ def make_grid(images: Sequence[np.ndarray], captions: Sequence[Sequence[str]], o
             im = np.repeat(im[..., None], 3, axis=2)
         canvas[y0:y0 + im.shape[0], x0:x0 + im.shape[1]] = im[..., :3]
         for k, line in enumerate(lines):
-            cv2.putText(canvas, line, (x0, y0 + tile + (k + 1) * line_h), _FONT, font_scale, (0, 0, 0), 1, cv2.LINE_AA)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(out), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"make_grid: could not write {out}")
-    return out
+            cv2.putText(canvas, line, (x0, y0 + tile_h + (k + 1) * line_h), _FONT, font_scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return canvas
 
 
 def draw_pred_vs_gt(image: np.ndarray, pred_uv: np.ndarray, gt_uv: np.ndarray) -> np.ndarray:
@@ -113,6 +121,32 @@ def draw_pred_vs_gt(image: np.ndarray, pred_uv: np.ndarray, gt_uv: np.ndarray) -
     for parent, child in BONES:
         cv2.line(base, _fixed(gt[parent]), _fixed(gt[child]), WRIST_COLOR, thin, cv2.LINE_AA, _SUBPIXEL_BITS)
     return np.concatenate([draw_skeleton(base, pred_uv), draw_skeleton(image, pred_uv)], axis=1)
+
+
+def per_joint_figure(names: Sequence[str], errors_mm: Sequence[float], title: str = "mean error per joint"):
+    """A matplotlib bar chart of one error per joint (mm), bars in the joints' finger colours."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = np.asarray(errors_mm, dtype=np.float64)
+    if len(names) != len(values):
+        raise ValueError(f"per_joint_figure: {len(names)} names but {len(values)} errors")
+    fig, ax = plt.subplots(figsize=(7.0, 3.5))
+    # the wrist's white skeleton colour would vanish on the white chart: grey there
+    colors = [tuple(c / 255 for c in (rgb if rgb != WRIST_COLOR else (150, 150, 150))) for rgb in joint_colors()]
+    colors = colors[:len(values)]
+    ax.bar(np.arange(len(values)), np.nan_to_num(values), color=colors, edgecolor="black", linewidth=0.5)
+    ax.set_xticks(np.arange(len(values)), list(names), rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("error (mm)")
+    ax.axhline(float(np.nanmean(values)), color="grey", linestyle="--", linewidth=1,
+               label=f"mean {np.nanmean(values):.1f} mm")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
 
 
 def pck_figure(curves: dict, title: str = "PCK"):

@@ -7,14 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
-import torch
 import torch
 from scipy.linalg import orthogonal_procrustes
 from scipy.spatial import cKDTree
 
 from cliphand3d.data.writers import write_freihand
+from cliphand3d.skeleton import JOINT_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -103,6 +104,13 @@ def test_eval_writes_official_submission_and_consistent_metrics(trained, tmp_pat
     assert "retrieval_x_16" in out and "retrieval_z_64" in out
     for name in ("pck.png", "per_sample.csv", "table.md"):
         assert (tmp_path / name).stat().st_size > 0
+    # the pictures: best / median / worst rows of 4 (crop | crop) tiles, and one bar per joint whose values are
+    # the mean Procrustes-aligned error of that joint, computed here from pred.json with the official alignment
+    grid, chart = cv2.imread(str(tmp_path / "samples.png")), cv2.imread(str(tmp_path / "per_joint.png"))
+    assert grid.shape[1] == 4 * (2 * 64 + 6) + 6 and 3 * 64 < grid.shape[0] < 3 * 2 * 64 and chart.shape[1] > 400
+    assert list(m["per_joint_mm"]) == list(JOINT_NAMES)
+    np.testing.assert_allclose(list(m["per_joint_mm"].values()), d.mean(0) * 1000, rtol=1e-5)
+    assert np.mean(list(m["per_joint_mm"].values())) == pytest.approx(m["pa_mpjpe_mm"], rel=1e-9)
     rows = (tmp_path / "per_sample.csv").read_text().splitlines()
     assert rows[0] == "index,pa_mpjpe_mm,mpjpe_mm" and len(rows) == N_EVAL + 1
 
@@ -130,6 +138,60 @@ def test_eval_refuses_a_checkpoint_that_does_not_fit(trained, tmp_path):
     # one message naming the mismatching keys and shapes, not a stack trace
     assert res.stderr.lstrip().startswith("error:") and "Traceback" not in res.stderr
     assert "joint_regressor" in res.stderr and "shape" in res.stderr.lower()
+
+
+def eval_error(*args) -> str:
+    """eval.py stopped with exit 1 and one `error:` message, no traceback; returns it."""
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "eval.py"), *map(str, args)], capture_output=True,
+                         text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert res.stderr.lstrip().startswith("error:") and res.stderr.count("error:") == 1, res.stderr[-3000:]
+    return res.stderr
+
+
+def test_eval_refuses_a_checkpoint_from_an_older_config_listing_the_keys(trained, tmp_path):
+    _, run = trained
+    ckpt = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    ckpt["config"]["model"]["attention_mode"] = "legacy"  # a key this code's model no longer takes
+    ckpt["config"]["model"]["num_refine"] = 2
+    torch.save(ckpt, tmp_path / "old.pt")
+    msg = eval_error(f"ckpt={tmp_path / 'old.pt'}", f"out_dir={tmp_path / 'out'}")
+    assert str(tmp_path / "old.pt") in msg
+    assert "keys the current code does not take: model.attention_mode, model.num_refine" in msg
+    ckpt["config"]["model"]["_target_"] = "cliphand3d.models.renamed.OldHand"  # a model class that is gone
+    torch.save(ckpt, tmp_path / "gone.pt")
+    msg = eval_error(f"ckpt={tmp_path / 'gone.pt'}", f"out_dir={tmp_path / 'out'}")
+    assert "model._target_='cliphand3d.models.renamed.OldHand' cannot be imported" in msg
+
+
+@pytest.fixture(scope="module")
+def other_root(tmp_path_factory):
+    """Another FreiHAND folder, told apart by its 16 evaluation hands (all 4 versions: data=freihand reads them)."""
+    return write_freihand(tmp_path_factory.mktemp("fh_other"), num_train=6, num_eval=16, seed=5, versions=4)
+
+
+@pytest.mark.parametrize("how", [["data.root={}"], ["root={}"], ["data=freihand", "data.root={}"]])
+def test_eval_data_root_as_typed_for_train_py_works_beside_root(trained, other_root, tmp_path, how):
+    _, run = trained
+    sh(str(REPO / "scripts" / "eval.py"), f"ckpt={run / 'checkpoints' / 'best.pt'}", f"out_dir={tmp_path}",
+       "write_pred_json=false", "baseline_samples=8", *[h.format(other_root) for h in how])
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["num_samples"] == 16  # the other folder's evaluation split, not the training run's
+
+
+def test_eval_root_and_data_root_naming_two_folders_is_refused():
+    from omegaconf import OmegaConf
+
+    from cliphand3d.evaluate import eval_config
+    from cliphand3d.preflight import ConfigError
+
+    saved = OmegaConf.create({"data": {"root": "/old", "img_size": 64, "test": {"root": "/old"}}})
+    run = eval_config(OmegaConf.create({"data": {"root": "/new"}, "root": None}), saved)
+    assert run.data.root == run.data.test.root == "/new"
+    run = eval_config(OmegaConf.create({"data": {"root": "/new"}, "root": "/new"}), saved)
+    assert run.data.test.root == "/new"
+    with pytest.raises(ConfigError, match="root=/a and data.root=/b name different folders"):
+        eval_config(OmegaConf.create({"data": {"root": "/b"}, "root": "/a"}), saved)
 
 
 # --------------------------------------------------------------------------- FreiHAND without released ground truth

@@ -82,6 +82,11 @@ def test_training_run_writes_scalars_skeletons_and_pck_to_tensorboard(tmp_path):
         for e in events:
             assert (e.width, e.height) == (w, h), tag
             assert decode(e).shape == (h, w, 3), tag
+    # the best / median / worst grid eval.py writes: 3 rows of 3 (crop | crop) tiles, captions under each
+    events = ea.Images("val/samples")
+    assert [e.step for e in events] == [2, 4]
+    for e in events:
+        assert e.width == 3 * (2 * IMG + 6) + 6 and 3 * IMG < e.height < 3 * 2 * IMG
 
 
 # --------------------------------------------------------------------------- figure content
@@ -163,3 +168,35 @@ def test_validation_pck_figure_is_the_protocols_curve(tmp_path, monkeypatch, pro
     assert len(t) == steps and t[0] == 0.0 and t[-1] == pytest.approx(50.0)
     area = ((curve[1:] + curve[:-1]) / 2 * np.diff(t)).sum() / (t[-1] - t[0])
     assert area == pytest.approx(reported[key], abs=1e-12)
+
+
+def test_validation_samples_grid_ranks_by_the_protocols_error(tmp_path, monkeypatch):
+    from cliphand3d import evaluate
+
+    data = Crops("freihand")
+    preds = figure_preds(data)
+    preds["pred_xyz"] = preds["gt_xyz"] + np.random.default_rng(1).normal(size=preds["gt_xyz"].shape) * \
+        np.array([0.002, 0.009, 0.005])[:, None, None]  # loader position 0 best, 1 worst, 2 median
+    drawn = {}
+    original = viz.grid_image
+
+    def spy(images, captions, **kw):
+        drawn.update(images=images, captions=captions, canvas=original(images, captions, **kw))
+        return drawn["canvas"]
+
+    monkeypatch.setattr(viz, "grid_image", spy)
+    logger = RunLogger(tmp_path, tensorboard=True, samples_per_group=1)
+    logger.validation_figures(data, preds, step=5)
+    logger.close()
+    (event,) = read_events(tmp_path / "tb").Images("val/samples")
+    assert event.step == 5
+    np.testing.assert_array_equal(decode(event), drawn["canvas"])  # PNG: the grid, pixel for pixel
+    errors = metrics.protocol_joint_errors("freihand", preds["pred_xyz"], preds["gt_xyz"]).mean(1)
+    assert [c[0].split(":")[0] for c in drawn["captions"]] == ["best 1", "median 1", "worst 1"]
+    for tile, pos in zip(drawn["images"], (0, 2, 1)):
+        item = data[int(preds["index"][pos])]
+        img, K = denormalize_image(item["image"]), item["K"].numpy().astype(np.float64)
+        want = viz.draw_pred_vs_gt(img, project(preds["pred_xyz"][pos], K), project(preds["gt_xyz"][pos], K))
+        np.testing.assert_array_equal(tile, want)
+    assert errors[0] < errors[2] < errors[1]
+    assert evaluate.pick_best_median_worst(errors, 1) == {"best": [0], "median": [2], "worst": [1]}

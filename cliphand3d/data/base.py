@@ -6,6 +6,7 @@ tight box around the hand) and `build_item` turns it into the item of docs/conve
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,10 @@ import torch
 from torch.utils.data import Dataset
 
 from ..skeleton import NUM_JOINTS
+
+log = logging.getLogger(__name__)
+# data.skip_bad gives up after this many unreadable items in a row: past that the data is broken, not flaky
+MAX_SKIPPED_IN_A_ROW = 100
 
 
 class DatasetError(RuntimeError):
@@ -221,16 +226,19 @@ class HandDataset(Dataset):
 
     Augmentation and prompt subsets draw from a generator seeded by (seed, epoch, index), so an item
     is the same whichever worker loads it and a resumed run sees exactly the data it would have seen.
+    skip_bad (data.skip_bad, training only): an item whose files cannot be read is replaced by the next
+    readable one, logged, and its items carry meta["skipped"]; off, the error names the file.
     """
 
     protocol = "freihand"  # which evaluation protocol fits this data (cliphand3d.metrics)
     has_verts = False
 
-    def __init__(self, *, img_size: int = 256, augment=None, prompts=None, seed: int = 0):
+    def __init__(self, *, img_size: int = 256, augment=None, prompts=None, seed: int = 0, skip_bad: bool = False):
         self.img_size = int(img_size)
         self.augment = augment
         self.prompts = prompts
         self.seed = int(seed)
+        self.skip_bad = bool(skip_bad)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -261,9 +269,46 @@ class HandDataset(Dataset):
             raise IndexError(f"index {index} out of range for {type(self).__name__} of length {len(self)}")
         from .transforms import build_item  # transforms imports this module
 
-        raw = self.load_raw(index)
-        return build_item(raw, index=index, img_size=self.img_size, augment=self.augment,
+        if not self.skip_bad:
+            raw = self.load_raw(index)
+            return build_item(raw, index=index, img_size=self.img_size, augment=self.augment,
+                              prompts=self.prompts, rng=self.rng_for(index))
+        index, raw, skipped = self._first_readable(index)
+        item = build_item(raw, index=index, img_size=self.img_size, augment=self.augment,
                           prompts=self.prompts, rng=self.rng_for(index))
+        item["meta"]["skipped"] = skipped
+        return item
+
+    def _first_readable(self, index: int) -> tuple[int, RawSample, int]:
+        """skip_bad: (index, raw sample, files skipped) of the first of index, index + 1, ... (wrapping) whose
+        files read. A function of the index and the files alone, so every worker, epoch and resumed run
+        substitutes the same item and batches keep their size."""
+        for skipped in range(min(len(self), MAX_SKIPPED_IN_A_ROW + 1)):
+            j = (index + skipped) % len(self)
+            try:
+                return j, self.load_raw(j), skipped
+            except DatasetError as e:
+                log.warning("data.skip_bad: skipping item %d of %s: %s", j, type(self).__name__,
+                            str(e).splitlines()[0])
+        raise DatasetError(f"data.skip_bad: {MAX_SKIPPED_IN_A_ROW + 1} items in a row from index {index} of "
+                           f"{type(self).__name__} cannot be read; the dataset is damaged beyond skipping.\n"
+                           "  fix: run scripts/check_data.py to list the damaged files, and re-download them")
+
+
+class SkipCounter:
+    """data.skip_bad: how many training items were replaced by the next readable one (items carry the
+    number in meta["skipped"]; they are counted here, in the training process, as loader workers' counts
+    would be lost). Saved in checkpoints so a resumed run keeps counting."""
+
+    def __init__(self, total: int = 0):
+        self.total = int(total)
+
+    def wrap(self, loader):
+        for batch in loader:
+            skipped = batch.get("meta", {}).get("skipped") if isinstance(batch, dict) else None
+            if skipped is not None:
+                self.total += int(torch.as_tensor(skipped).sum())
+            yield batch
 
 
 ITEM_KEYS = ("image", "joints_xyz", "joints_uvd", "K", "root_depth", "bone", "prompts", "meta")

@@ -169,6 +169,10 @@ def _as_problem(where: str, err: Exception) -> Problem:
     return Problem(where, head.strip() or type(err).__name__, fix.strip() or "see the message above")
 
 
+# how base.read_image's errors start (what data.skip_bad skips)
+UNREADABLE = ("image is truncated or corrupt", "image cannot be decoded", "image not found")
+
+
 def run(*, data_format: str, root: str | Path | None, builders: Mapping[str, Callable[[], object]],
         out: str | Path | None, num_samples: int = 16, image_check: int | None = 64, grid_split: str = "train",
         check_kwargs: Mapping | None = None, log: Callable[[str], None] = print) -> list[Problem]:
@@ -177,6 +181,11 @@ def run(*, data_format: str, root: str | Path | None, builders: Mapping[str, Cal
     problems, counts = check_layout(data_format, root, image_check=image_check, **dict(check_kwargs or {}))
     for split, n in counts.items():
         log(f"{data_format} {split}: {n} samples on disk")
+    unreadable = [p for p in problems if p.problem.startswith(UNREADABLE)]
+    if unreadable:
+        log(f"{len(unreadable)} unreadable image(s) among those read (listed below); training with "
+            "data.skip_bad=true replaces each by the next readable item and counts them (train_summary.json "
+            "skipped_bad); validation and eval.py never skip")
     if problems:
         return problems
     datasets = {}

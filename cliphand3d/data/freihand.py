@@ -87,6 +87,8 @@ class FreiHAND(HandDataset):
         projected joints; "full" = the whole 224 image (val / eval default: evaluation has no masks; the
         data config trains on it too, so training frames hands as the test crops do). With crop="full"
         and no augment, the crop is exactly the image (scale 1.0, not the usual 1.3).
+    skip_bad: an unreadable image (truncated, corrupt, missing) is replaced by the next readable item and
+        counted (`HandDataset._first_readable`) instead of stopping with an error naming the file.
     require_gt: eval only. True: evaluation_xyz.json and evaluation_verts.json must exist. False: they
         are used when present; without them `has_labels` is False and items carry only `image`, `K`,
         `scale` (evaluation_scale.json, metres) and `meta` -- no label keys, so nothing fake reaches a
@@ -98,7 +100,7 @@ class FreiHAND(HandDataset):
 
     def __init__(self, root: str | Path, split: str = "train", versions: Sequence[int] = (0,), img_size: int = 256,
                  augment: CropAugment | None = None, prompts=None, seed: int = 0, crop: str | None = None,
-                 require_gt: bool = True, val_fraction: float = 0.03, holdout_seed: int = 0):
+                 require_gt: bool = True, val_fraction: float = 0.03, holdout_seed: int = 0, skip_bad: bool = False):
         split = split_name(split, ("train", "val", "eval"), "FreiHAND")
         crop = crop or ("mask" if split == "train" else "full")
         if crop not in CROPS:
@@ -107,7 +109,7 @@ class FreiHAND(HandDataset):
             raise DatasetError("FreiHAND evaluation has no masks: use crop='full' or crop='joints' (data.test.crop)")
         if crop == "full" and augment is None:
             augment = CropAugment(train=False, scale=1.0)
-        super().__init__(img_size=img_size, augment=augment, prompts=prompts, seed=seed)
+        super().__init__(img_size=img_size, augment=augment, prompts=prompts, seed=seed, skip_bad=skip_bad)
         self.root = require_dir(root, "FreiHAND root", download_fix(root))
         self.split, self.crop = split, crop
         name = SPLITS["eval" if split == "eval" else "train"]

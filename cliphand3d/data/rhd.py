@@ -122,9 +122,9 @@ class RHD(HandDataset):
 
     def __init__(self, root: str | Path, split: str = "train", img_size: int = 256,
                  augment: CropAugment | None = None, prompts=None, seed: int = 0, val_fraction: float = 0.03,
-                 holdout_seed: int = 0):
+                 holdout_seed: int = 0, skip_bad: bool = False):
         split = split_name(split, ("train", "val", "eval"), "RHD")
-        super().__init__(img_size=img_size, augment=augment, prompts=prompts, seed=seed)
+        super().__init__(img_size=img_size, augment=augment, prompts=prompts, seed=seed, skip_bad=skip_bad)
         self.root = require_dir(root, "RHD root", download_fix(root))
         self.split = split
         name = SPLITS["eval" if split == "eval" else "train"]

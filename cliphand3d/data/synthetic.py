@@ -453,8 +453,8 @@ class SyntheticHands(HandDataset):
 
     def __init__(self, *, length: int, seed: int = 0, split: str = "train", img_size: int = 256,
                  num_verts: int = 778, augment=None, prompts=None, render_size: int = 224,
-                 view: str = "uniform"):
-        super().__init__(img_size=img_size, augment=augment, prompts=prompts, seed=seed)
+                 view: str = "uniform", skip_bad: bool = False):
+        super().__init__(img_size=img_size, augment=augment, prompts=prompts, seed=seed, skip_bad=skip_bad)
         if view not in VIEWS:
             raise ValueError(f"SyntheticHands: data.view={view!r} is not one of {VIEWS}")
         if not isinstance(length, (int, np.integer)) or length < 1:
