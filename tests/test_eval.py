@@ -118,10 +118,12 @@ def test_eval_writes_official_submission_and_consistent_metrics(trained, tmp_pat
 def test_eval_split_val_scores_the_held_out_training_hands(trained, tmp_path):
     _, run = trained
     sh(str(REPO / "scripts" / "eval.py"), f"ckpt={run / 'checkpoints' / 'best.pt'}", f"out_dir={tmp_path}",
-       "split=val", "write_pred_json=false")
+       "split=val")
     m = json.loads((tmp_path / "metrics.json").read_text())
     # 6 training hands hold out round(0.03 * 6) -> at least 1, in both trained versions
     assert m["split"] == "val" and m["num_samples"] == 2 and m["pa_mpjpe_mm"] > 0
+    # the submission file is for the official evaluation split only, never for held-out training hands
+    assert not (tmp_path / "pred.json").exists()
 
 
 def test_eval_refuses_a_checkpoint_that_does_not_fit(trained, tmp_path):
