@@ -23,8 +23,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import metrics
-from .geometry import crop_and_rotate, mirror_lr, project, root_and_bone_from_uvd
-from .preflight import ConfigError
+from .geometry import crop_and_rotate, mirror_lr, project, root_and_bone_from_uvd, uv_to_pixels
+from .preflight import ConfigError, check_writable
 from .skeleton import NUM_JOINTS, SCALE_BONE
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ def flip_u(width: int) -> np.ndarray:
 
 def crop_uv_to_image(uv_norm: np.ndarray, res: dict, img_size: int, offset: float = 0.5) -> np.ndarray:
     """Normalised crop uv (the model's output space, as the model saw the crop) -> original image pixels."""
-    p = np.asarray(uv_norm, np.float64)[..., :2] * img_size - offset
+    p = uv_to_pixels(np.asarray(uv_norm, np.float64), img_size, offset)
     q = np.concatenate([p, np.ones_like(p[..., :1])], -1) @ res["crop_to_image"].T
     return q[..., :2] / q[..., 2:]
 
@@ -401,19 +401,6 @@ def process_video(dm: DemoModel, path: Path, stem: str, out: Path, box, s: Setti
     return {"file": str(path), "frames": len(frames)}
 
 
-def check_output_dir(out) -> Path:
-    """Create `out` and prove it writable before the model is loaded."""
-    out = Path(str(out)).expanduser()
-    probe = out / ".demo_write_test"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"out={out} is not a writable folder ({e.strerror or e}); choose another out=") from e
-    return out
-
-
 def load_demo_model(cfg: DictConfig) -> DemoModel:
     from .build import load_model
     from .evaluate import model_overrides
@@ -436,7 +423,7 @@ def run_demo(cfg: DictConfig) -> tuple[int, int, list[str]]:
     box = check_box(cfg.box, "box") if cfg.get("box") is not None else None
     boxes = load_boxes(cfg.boxes) if cfg.get("boxes") else None
     files = list_inputs(cfg.input)
-    out = check_output_dir(cfg.out)
+    out = check_writable(cfg.out, "out")  # before the model is loaded
     dm = load_demo_model(cfg)
     stems, failures, done = output_stems(files), [], []
     for path in tqdm(files, desc="demo", unit="input"):
@@ -480,7 +467,8 @@ def score_against_labels(done: list[dict], labels_path: Path, dm: DemoModel, out
               "mean_2d_error_px": metrics.mean_error_2d(pred, gt)[0]}
     mean_uv = training_mean_uv(dm)
     if mean_uv is not None:
-        base = np.stack([crop_uv_to_image(mean_uv, d["result"], dm.img_size) for d in hits])
+        base = np.stack([crop_uv_to_image(mean_uv, d["result"], dm.img_size, d["result"]["uv_offset"])
+                         for d in hits])
         report["mean_pose_baseline_px"] = metrics.mean_error_2d(base, gt)[0]
     (out / "labels_2d_error.json").write_text(json.dumps(report, indent=1))
     print(f"2D error on {len(hits)} labelled images: {report['mean_2d_error_px']:.2f} px (model), "

@@ -66,9 +66,15 @@ def uvd_to_xyz(uvd, K, img_size: int, root_depth, bone, pixel_offset: float = 0.
     return _uvd_rays(uvd, K, img_size, pixel_offset) * z[..., None]
 
 
+def uv_to_pixels(uv, img_size: int, pixel_offset: float = 0.5):
+    """Normalised crop uv -> crop pixels (pixel centres at integers): u * S - offset (0.5: u spans the pixel
+    edges, ours; 0: the released network's convention)."""
+    return uv[..., :2] * img_size - pixel_offset
+
+
 def _uvd_rays(uvd, K, img_size: int, pixel_offset: float = 0.5):
     """Camera rays through the uvd pixels, scaled to unit depth: a point at depth z is z * ray."""
-    uv = uvd[..., :2] * img_size - pixel_offset
+    uv = uv_to_pixels(uvd, img_size, pixel_offset)
     ones = torch.ones_like(uv[..., 0]) if isinstance(uv, torch.Tensor) else np.ones_like(uv[..., 0])
     return backproject(uv, ones, K)
 

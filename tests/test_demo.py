@@ -243,7 +243,7 @@ def test_config_mistakes_fail_before_the_model_loads(tmp_path, hands):
         run(input=str(tmp_path / "nowhere"))
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(ConfigError, match=f"out={blocker / 'sub'} is not a writable folder"):
+    with pytest.raises(ConfigError, match=f"out: cannot write to {blocker / 'sub'}"):
         run(out=str(blocker / "sub"))
     with pytest.raises(FileNotFoundError, match="missing.pt does not exist"):
         run()  # everything else is fine: only now is the checkpoint read
