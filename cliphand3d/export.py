@@ -210,6 +210,8 @@ def run_export(cfg: DictConfig) -> dict:
     if str(cfg.format) not in FORMATS:
         raise ConfigError(f"format={cfg.format}: the formats are {', '.join(FORMATS)}")
     out = pathlib.Path(str(cfg.out)).expanduser()
+    if out.is_dir():
+        raise ConfigError(f"out={out} is a folder; name the file to write, e.g. out={out / 'model.onnx'}")
     check_writable(out.parent, "out")
     model, _, _ = load_model(pathlib.Path(str(cfg.ckpt)).expanduser(), model_overrides(cfg), "cpu",
                              use_ema=bool(cfg.use_ema))
