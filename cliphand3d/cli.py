@@ -11,12 +11,13 @@ from contextlib import contextmanager
 
 from .checkpoint import CheckpointError
 from .data.base import DatasetError
+from .export import MissingExtraError, ParityError
 from .models.backbone import PretrainedWeightsError
 from .models.text_encoder import PretrainedWeightsUnavailable
 from .preflight import ConfigError
 
 USER_ERRORS = (DatasetError, CheckpointError, PretrainedWeightsError, PretrainedWeightsUnavailable,
-               FileNotFoundError, ConfigError)
+               FileNotFoundError, ConfigError, MissingExtraError, ParityError)
 
 
 def _user_error(exc: BaseException) -> BaseException | None:

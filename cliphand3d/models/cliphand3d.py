@@ -124,6 +124,11 @@ class CLIPHand3D(nn.Module):
             out["pose_feats"] = self.pose_heads(jr["logits"])
         return out
 
+    @property
+    def mixes_batch(self) -> bool:
+        """Do outputs depend on their batch-mates (attention_over=batch, the released network's bug)?"""
+        return any(getattr(s, "attention_over", "nodes") == "batch" for s in self.regressor.stages)
+
     def parameter_terms(self) -> dict[str, tuple[str, ...]]:
         """Parameter-name prefix -> the loss terms (cliphand3d.losses) whose gradient reaches it; the
         longest prefix that matches a parameter's name applies. Training freezes what only zero-weighted
