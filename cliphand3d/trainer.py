@@ -423,11 +423,13 @@ class Run:
         if every and st.step % int(every) == 0 and st.step < self.total_steps:
             self.validate()
         if self.tcfg.ckpt_every_steps and st.step % int(self.tcfg.ckpt_every_steps) == 0:
+            self.skips.sync(self.device)
             self.checkpoint("last.pt")
 
     def validate(self) -> dict:
         """Validate on `val` (rank 0), log, and keep best.pt by `trainer.monitor`."""
         st, res = self.state, {}
+        self.skips.sync(self.device)  # a collective, so here where every rank is, not where rank 0 saves best.pt
         if self.main:
             eval_model = self.ema.module if self.ema is not None else unwrap(self.module).model
             res, preds = validate(eval_model, self.val_loader, self.device,
@@ -490,6 +492,7 @@ class Run:
             self.last_metrics = self.validate()
         elif not self.last_metrics:
             self.last_metrics = {k: v for k, v in history[-1].items() if k != "step"}
+        self.skips.sync(self.device)
         self.checkpoint("last.pt")
         self._write_summary(time.perf_counter() - t_start)
         self.logger.close()
