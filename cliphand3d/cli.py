@@ -36,5 +36,15 @@ def friendly_errors():
         err = _user_error(e)
         if err is None:
             raise
+        _close_progress_bars()
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+
+
+def _close_progress_bars() -> None:
+    """A tqdm bar that an exception left open ends its line only when it closes (at garbage collection,
+    after our message), so the message would follow the bar on its line; closing it ends that line first."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()

@@ -486,7 +486,8 @@ class Run:
             self.logger.close()
             log.error("%s", e)
             raise SystemExit(str(e)) from None
-        progress.close()
+        finally:
+            progress.close()  # ends the bar's line, so whatever is printed next starts its own
         history = self.state.history
         if not history or history[-1]["step"] != self.state.step:
             self.last_metrics = self.validate()

@@ -55,8 +55,9 @@ def one_error_line(res) -> str:
     """The script stopped with exit 1 and one `error:` message, no traceback; returns the message."""
     assert res.returncode == 1, res.stderr[-3000:]
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
-    # (a training run's progress bar may still be on the line it starts)
     assert res.stderr.count("error: ") == 1, res.stderr[-3000:]
+    # on a line of its own, even when a progress bar was drawing when the error came
+    assert res.stderr.startswith("error: ") or "\nerror: " in res.stderr, res.stderr[-3000:]
     return res.stderr[res.stderr.index("error: "):]
 
 
