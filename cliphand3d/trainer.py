@@ -195,12 +195,19 @@ def check_gradients(module: torch.nn.Module) -> bool:
     return True
 
 
-def check_checkpoint_space(ckpt_dir: Path, module: torch.nn.Module, ema) -> None:
-    """A checkpoint holds the weights, AdamW's two moments per trainable weight and the EMA copy; while it is
-    written its temp copy sits beside the file it replaces. Checked before the first step, not at the first save."""
+def check_checkpoint_space(ckpt_dir: Path, module: torch.nn.Module, ema, save_init: bool = False) -> None:
+    """A checkpoint holds the weights, AdamW's two moments per trainable weight and the EMA copy. A run keeps
+    last.pt and best.pt (and init.pt with trainer.save_init) side by side, and an atomic save writes a temp
+    file beside the one it replaces: at the peak, every file plus one temp copy. Files already there (a
+    resumed run) are replaced in place and take no new space. Checked before the first step, not at the
+    first save."""
     trainable = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
     size = state_bytes(module) + 2 * trainable + (state_bytes(ema.module) if ema is not None else 0)
-    check_free_space(ckpt_dir, 2 * size, "run_dir", "a checkpoint and its temp copy while it is written")
+    names = ["last.pt", "best.pt"] + (["init.pt"] if save_init else [])
+    new = [n for n in names if not (Path(ckpt_dir) / n).is_file()]
+    parts = ", ".join(new + ["the temp file of a save"])
+    check_free_space(ckpt_dir, (len(new) + 1) * size, "run_dir",
+                     f"the checkpoints at their peak ({parts}: {len(new) + 1} x {size / 2 ** 20:.1f} MB)")
 
 
 # --------------------------------------------------------------------------- resume
@@ -285,7 +292,8 @@ class Run:
         self._build_optimisation()
         self.state = TrainState(world_size=world, batch_size=self.bs)
         if self.main:
-            check_checkpoint_space(self.ckpt_dir, unwrap(self.module), self.ema)
+            check_checkpoint_space(self.ckpt_dir, unwrap(self.module), self.ema,
+                                   save_init=bool(self.tcfg.get("save_init")) and saved is None)
         self.skips = SkipCounter(saved.get("skipped_bad", 0) if saved is not None else 0)
         if saved is not None:
             self._restore(saved)

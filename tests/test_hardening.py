@@ -173,12 +173,25 @@ def test_checkpoint_space_is_checked_before_training(tmp_path, monkeypatch):
     module = nn.Linear(10, 10)  # 110 float32 weights, all trainable
     module.bias.requires_grad_(False)  # 100 trainable
     size = 110 * 4 + 2 * 100 * 4  # the weights and AdamW's two moments
-    free = {"bytes": 2 * size}
+    free = {"bytes": 0}
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 ** 9, 0, free["bytes"]))
-    check_checkpoint_space(tmp_path, module, None)  # exactly enough: a checkpoint and its temp copy
-    free["bytes"] -= 1
-    with pytest.raises(ConfigError, match=rf"run_dir: the disk holding {tmp_path} has 0 MB free"):
-        check_checkpoint_space(tmp_path, module, None)
+
+    def fits(n_sizes, **kw) -> bool:
+        """Whether exactly n_sizes checkpoints' worth of free space passes, and one byte less is refused."""
+        free["bytes"] = n_sizes * size
+        check_checkpoint_space(tmp_path, module, None, **kw)
+        free["bytes"] -= 1
+        with pytest.raises(ConfigError, match=rf"run_dir: the disk holding {tmp_path} has 0 MB free") as e:
+            check_checkpoint_space(tmp_path, module, None, **kw)
+        return str(e.value)
+
+    # a fresh run: last.pt + best.pt side by side, and the temp file of a save replacing one of them
+    assert "(last.pt, best.pt, the temp file of a save: 3 x 0.0 MB)" in fits(3)
+    assert "(last.pt, best.pt, init.pt, the temp file of a save: 4 x" in fits(4, save_init=True)
+    # a resumed run replaces its files in place: only the temp file is new
+    save_checkpoint(tmp_path / "last.pt", {"step": 1})
+    save_checkpoint(tmp_path / "best.pt", {"step": 1})
+    assert "(the temp file of a save: 1 x" in fits(1)
 
 
 def test_unwritable_run_dir_stops_train_py_before_any_work(tmp_path):
