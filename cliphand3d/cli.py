@@ -9,14 +9,17 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager
 
+from omegaconf.errors import MissingMandatoryValue
+
 from .checkpoint import CheckpointError
 from .data.base import DatasetError
 from .models.backbone import PretrainedWeightsError
 from .models.text_encoder import PretrainedWeightsUnavailable
 from .preflight import ConfigError
 
+# MissingMandatoryValue: a `???` key (eval.py's ckpt, the demo's input) not given on the command line
 USER_ERRORS = (DatasetError, CheckpointError, PretrainedWeightsError, PretrainedWeightsUnavailable,
-               FileNotFoundError, ConfigError)
+               FileNotFoundError, ConfigError, MissingMandatoryValue)
 
 
 def _user_error(exc: BaseException) -> BaseException | None:

@@ -20,6 +20,7 @@ from . import metrics
 from .build import build_datasets, build_prompts, check_split, load_model
 from .data.base import DatasetError
 from .engine import PLACEMENTS, predict
+from .errors import ConfigError
 from .geometry import root_and_bone_from_uvd, uvd_to_xyz
 from .preflight import check_writable
 from .skeleton import bone_length
@@ -166,7 +167,7 @@ def run_eval(cfg: DictConfig) -> dict:
     template = template_from_state(ckpt["template"])
     placement = str(cfg.placement)
     if placement not in PLACEMENTS:
-        raise ValueError(f"placement={placement!r} is not one of {PLACEMENTS} (eval.py placement=...)")
+        raise ConfigError(f"placement={placement!r} is not one of {PLACEMENTS} (eval.py placement=...)")
 
     text_branch = _text_branch(run, ckpt, device) if _has_adapters(ckpt) else None
     dataset = _eval_dataset(run, split, bool(cfg.require_gt), build_prompts(run) if text_branch is not None else None)

@@ -27,6 +27,7 @@ from .checkpoint import (capture_rng_state, compare_configs, config_to_container
 from .data.sampler import ResumableSampler
 from .ema import ModelEMA
 from .engine import NonFiniteLossError, TrainState, autocast_for, predict, train_one_epoch, unwrap
+from .errors import ConfigError
 from .models.template import MeshTemplate
 from .models.training import TrainingModule
 from .data.base import SkipCounter
@@ -76,7 +77,7 @@ def pick_device(name: str, local_rank: int) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
+            raise ConfigError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device(name)
@@ -251,7 +252,7 @@ def resume_mismatches(saved: dict, cfg: dict, *, world_size: int, batch_size: in
 def check_resumable(saved: dict, cfg: DictConfig, path: Path, *, world_size: int, batch_size: int) -> None:
     lines = resume_mismatches(saved, config_to_container(cfg), world_size=world_size, batch_size=batch_size)
     if lines:
-        raise SystemExit(
+        raise ConfigError(
             f"cannot resume from {path} exactly; it differs from this run at:\n" + "".join(f"  {x}\n" for x in lines)
             + f"  fix: resume with the saved values (the run's config.yaml beside {path.parent.name}/ holds them) "
             "on the same number of processes, or start a new run with name=<new name>. May differ: "
@@ -309,7 +310,7 @@ class Run:
         that holds another run and a resume that cannot continue exactly."""
         resume_path = find_resume_checkpoint(self.run_dir, cfg.resume)
         if resume_path is None and (self.ckpt_dir / "last.pt").is_file() and self.main:
-            raise SystemExit(f"{self.ckpt_dir / 'last.pt'} exists: this run folder already holds a run.\n"
+            raise ConfigError(f"{self.ckpt_dir / 'last.pt'} exists: this run folder already holds a run.\n"
                              f"  fix: resume=auto to continue it, or name=<new name> (or run_dir=...) for a new run")
         # init_from: start from another checkpoint's weights (e.g. the imported released network), with its
         # architecture; a resumed run keeps the same adopted config, so the resume check still holds
@@ -329,7 +330,7 @@ class Run:
                                         world_size=self.world, batch_size=self.bs, drop_last=True)
         self.steps_per_epoch = self.sampler.batches_per_epoch()
         if self.steps_per_epoch == 0:
-            raise SystemExit(f"trainer.batch_size={self.bs} x {self.world} process(es) is larger than the training "
+            raise ConfigError(f"trainer.batch_size={self.bs} x {self.world} process(es) is larger than the training "
                              f"set ({len(self.train_set)} samples): lower trainer.batch_size or use more data")
         self.val_loader = make_loader(self.val_set, batch_size=int(self.tcfg.val_batch_size),
                                       num_workers=int(self.tcfg.num_workers), device=self.device)
