@@ -62,17 +62,6 @@ def check_lengths(lists: dict[str, Any], fix: str) -> int:
     return next(iter(lengths.values()))
 
 
-def as_array(value, shape: tuple[int, ...], where: str) -> np.ndarray:
-    """Convert one annotation entry to float64 and check its shape (-1 = any)."""
-    try:
-        a = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise DatasetError(f"{where}: not a numeric array") from None
-    if a.ndim != len(shape) or any(s != -1 and s != n for s, n in zip(shape, a.shape)):
-        raise DatasetError(f"{where}: expected shape {shape}, got {a.shape}")
-    return a
-
-
 _END_MARKERS = {".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9", ".png": b"IEND\xaeB`\x82"}
 
 
