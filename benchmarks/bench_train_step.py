@@ -68,7 +68,7 @@ def build_run(cfg):
     module = TrainingModule(model, criterion, encoder, adapters)
     o = cfg.optim
     optimizer = build_optimizer(module, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas,
-                                backbone_lr_mult=o.backbone_lr_mult)
+                                backbone_lr_mult=o.backbone_lr_mult, fused=o.get("fused", False))
     return train_set, module, optimizer
 
 

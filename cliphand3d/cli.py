@@ -13,13 +13,14 @@ from omegaconf.errors import MissingMandatoryValue
 
 from .checkpoint import CheckpointError
 from .data.base import DatasetError
+from .export import MissingExtraError, ParityError
 from .models.backbone import PretrainedWeightsError
 from .models.text_encoder import PretrainedWeightsUnavailable
 from .preflight import ConfigError
 
 # MissingMandatoryValue: a `???` key (eval.py's ckpt, the demo's input) not given on the command line
 USER_ERRORS = (DatasetError, CheckpointError, PretrainedWeightsError, PretrainedWeightsUnavailable,
-               FileNotFoundError, ConfigError, MissingMandatoryValue)
+               FileNotFoundError, ConfigError, MissingExtraError, ParityError, MissingMandatoryValue)
 
 
 def _user_error(exc: BaseException) -> BaseException | None:

@@ -42,8 +42,7 @@ def eval_batch_size(cfg: DictConfig, model) -> int:
     network's attention over the batch, model.attention_over=batch): the batches its figure came from."""
     if str(cfg.batch_size) != "auto":
         return int(cfg.batch_size)
-    batch_attention = any(getattr(s, "attention_over", "nodes") == "batch" for s in model.regressor.stages)
-    return 32 if batch_attention else 64
+    return 32 if model.mixes_batch else 64
 
 
 def eval_config(cfg: DictConfig, saved: DictConfig) -> DictConfig:

@@ -167,3 +167,22 @@ def test_a_step_reads_the_device_once_and_the_loss_every_log_every_steps(monkeyp
     loss_steps = [s for tag, s, _ in logged if tag == "train/loss"]
     assert loss_steps == [1, 3, 6]
     assert all(isinstance(v, float) and math.isfinite(v) for _, _, v in logged)
+
+
+def test_fused_adamw_takes_the_same_steps():
+    """optim.fused is a speed option: after several steps the weights equal the per-tensor AdamW's."""
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        module = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+        start = [p.detach().clone() for p in module.parameters()]
+        opt = build_optimizer(module, lr=0.05, weight_decay=0.01, fused=fused)
+        assert bool(opt.defaults.get("fused")) is fused
+        for b in batches(5):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(module(b["image"]), b["target"]).backward()
+            opt.step()
+        results.append([p.detach().clone() for p in module.parameters()])
+    assert max((a - b).abs().max().item() for a, b in zip(results[0], start)) > 1e-2  # the steps did something
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)

@@ -52,7 +52,7 @@ class Row:
 def faq_rows(text: str | None = None) -> list[Row]:
     rows = []
     for n, line in enumerate((text if text is not None else FAQ.read_text()).splitlines(), 1):
-        cells = [c.strip() for c in line.strip().strip("|").split(" | ")] if line.startswith("| ") else []
+        cells = [c.strip().replace("\\|", "|") for c in line.strip().strip("|").split(" | ")] if line.startswith("| ") else []
         if len(cells) != 3 or cells[0] in ("Message", "Message (start)") or set(cells[0]) <= set("-: "):
             continue
         rows.append(Row(n, re.findall(r"`([^`]+)`", cells[0]), re.findall(r"faq\[([\w-]+)\]", cells[2]),
@@ -847,6 +847,40 @@ def _(ctx):
     return printed(lambda: script("make_synthetic").main.__wrapped__(cfg))
 
 
+@faq("onnx-extra")
+def _(ctx):
+    import sys
+
+    from cliphand3d import export
+
+    ctx.mp.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now fails
+    return printed(lambda: export.OnnxModel(ctx.tmp / "model.onnx"))
+
+
+@faq("onnx-options")
+def _(ctx):
+    from cliphand3d import export
+
+    ctx.mp.setattr(export, "require", lambda *names: [None] * len(names))  # with or without the extra
+    (ctx.tmp / "folder").mkdir()
+    return [printed(lambda: export.export_onnx(nn.Identity(), ctx.tmp / "x.onnx", img_size=64, opset=17)),
+            printed(lambda: export.export_onnx(nn.Identity(), ctx.tmp / "x.onnx", img_size=64, batch_size=1)),
+            printed(lambda: export.run_export(composed("ckpt=x.pt", f"out={ctx.tmp / 'x.tflite'}", "format=tflite",
+                                                       config="export"))),
+            printed(lambda: export.run_export(composed("ckpt=x.pt", f"out={ctx.tmp / 'folder'}", config="export"))),
+            printed(lambda: export.OnnxModel(ctx.tmp / "none.onnx"))]
+
+
+@faq("onnx-parity")
+def _(ctx):
+    from types import SimpleNamespace
+
+    from cliphand3d import export
+
+    ctx.mp.setattr(export, "_parity", lambda model, path, images: (0.25, 1.5))
+    return printed(lambda: export.check_export(SimpleNamespace(img_size=8), ctx.tmp / "model.onnx", batch=3))
+
+
 @faq("internal")
 def _(ctx):
     from cliphand3d.checkpoint import save_checkpoint
@@ -918,7 +952,7 @@ def test_every_faq_entry_is_reproduced(tmp_path_factory, data):
 # --------------------------------------------------------------------------- every user-facing raise is listed
 USER_ERRORS = ("DatasetError", "CheckpointError", "ConfigError", "PretrainedWeightsError",
                "PretrainedWeightsUnavailable", "ReleasedCheckpointError", "InputError", "FileNotFoundError",
-               "SystemExit", "NonFiniteGradientError", "NonFiniteLossError")
+               "SystemExit", "NonFiniteGradientError", "NonFiniteLossError", "MissingExtraError", "ParityError")
 
 
 def user_raises(path: Path) -> list[tuple[int, str]]:
@@ -942,7 +976,7 @@ def user_raises(path: Path) -> list[tuple[int, str]]:
 
 
 def test_every_user_facing_raise_has_a_faq_entry():
-    text = _norm(FAQ.read_text())
+    text = _norm(FAQ.read_text().replace("\\|", "|"))
     files = sorted([*(REPO / "cliphand3d").rglob("*.py"), *(REPO / "scripts").glob("*.py")])
     sites = {f"{f.relative_to(REPO)}:{line}": piece for f in files for line, piece in user_raises(f)}
     assert len(sites) > 80

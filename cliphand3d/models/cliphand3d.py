@@ -65,6 +65,7 @@ class CLIPHand3D(nn.Module):
         attention_over: str = "nodes",
         joints_from: str = "uvd",
         uv_pixel_offset: float = 0.5,
+        channels_last: bool = False,
     ):
         super().__init__()
         if joints_from not in JOINTS_FROM:
@@ -94,10 +95,18 @@ class CLIPHand3D(nn.Module):
                                                cue_maps=cue_maps, cue_padding=cue_padding,
                                                cue_placement=cue_placement, block=block, mlp_ratio=mlp_ratio,
                                                head=stage_head, attention_over=attention_over)
+        # A speed option, not a design choice: the same function (to float rounding). oneDNN's
+        # convolutions, batch norms and max-pool run faster in NHWC on CPU, and on CUDA with AMP.
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            for part in (self.backbone, self.joint_regressor, self.joint_features):
+                part.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor, pose_features: bool = False) -> dict:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"CLIPHand3D expects images of shape (B, 3, S, S), got {tuple(images.shape)}")
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         f0, f1, f2, f3, f4 = self.backbone(images)
         jr = self.joint_regressor(f4)
         uvz, unit = jr["uvz"], jr["uvz_unit"]
@@ -115,6 +124,11 @@ class CLIPHand3D(nn.Module):
         if pose_features:
             out["pose_feats"] = self.pose_heads(jr["logits"])
         return out
+
+    @property
+    def mixes_batch(self) -> bool:
+        """Do outputs depend on their batch-mates (attention_over=batch, the released network's bug)?"""
+        return any(getattr(s, "attention_over", "nodes") == "batch" for s in self.regressor.stages)
 
     def parameter_terms(self) -> dict[str, tuple[str, ...]]:
         """Parameter-name prefix -> the loss terms (cliphand3d.losses) whose gradient reaches it; the

@@ -111,8 +111,8 @@ class JointRegressor(nn.Module):
     def _z_logits(self, f4: torch.Tensor) -> torch.Tensor:
         z = self.head_z(f4.mean(dim=(2, 3)))
         if self.z_head == "bn_relu_mix":
-            z = self.head_z_mix(F.relu(self.head_z_bn(z)).view(-1, self.num_joints, self.depth_bins))
-        return z.view(-1, self.num_joints, self.depth_bins)
+            z = self.head_z_mix(F.relu(self.head_z_bn(z)).reshape(-1, self.num_joints, self.depth_bins))
+        return z.reshape(-1, self.num_joints, self.depth_bins)
 
 
 class PoseFeatureHeads(nn.Module):

@@ -6,6 +6,7 @@ in state_dict() (checkpoints stay small; the tower is rebuilt from config), not 
 (optimisers, clipping and DDP never see it), while .to()/.cuda()/.half() still move it.
 
 Savings, none of which changes a single output value:
+- tokens: a per-word token cache (cliphand3d.models.tokens), exact for plain ASCII prompts;
 - dedup: identical prompts in a batch are encoded once;
 - cache: a bounded LRU of prompt -> embedding across batches;
 - truncate_to_eot: the causal tower runs only up to the longest EOT position in the batch. Under a
@@ -30,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
+from .tokens import CachedTokenizer
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 TOWER_KEYS = ("layers", "width", "heads", "context_length", "embed_dim", "mlp_ratio")
@@ -334,6 +336,7 @@ class TextEncoder(nn.Module):
         self.embed_dim = built_dim
         self.context_length = int(tower_module.context_length)
         self.tokenizer = open_clip.get_tokenizer(model_name, context_length=self.context_length)
+        self.tokenize = CachedTokenizer(self.tokenizer, self.context_length)
         self.cache_size = int(cache_size)
         self.dedup = bool(dedup)
         self.truncate_to_eot = bool(truncate_to_eot)
@@ -405,7 +408,7 @@ class TextEncoder(nn.Module):
         return x.float()
 
     def _encode_strings(self, prompts: list[str]) -> torch.Tensor:
-        return self.encode_tokens(self.tokenizer(prompts))
+        return self.encode_tokens(self.tokenize(prompts))
 
     def forward(self, prompts: Sequence[str]) -> torch.Tensor:
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
