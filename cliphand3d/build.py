@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .data.base import DatasetError
+from .errors import ConfigError
 from .models.template import MeshTemplate, load_or_build_template
 
 log = logging.getLogger(__name__)
@@ -122,9 +123,9 @@ def checkpoint_config(ckpt: dict, where: str, overrides=()) -> DictConfig:
         key, sep, value = str(item).partition("=")
         add, key = key.startswith("+"), key.lstrip("+")
         if not sep or not key:
-            raise ValueError(f"override {item!r}: expected key=value, e.g. model.coord_units=unit")
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. model.coord_units=unit")
         if not add and OmegaConf.select(cfg, key, default=absent) is absent:
-            raise ValueError(f"override {item!r}: the config stored in {where} has no key {key!r}; "
+            raise ConfigError(f"override {item!r}: the config stored in {where} has no key {key!r}; "
                              f"write +{key}={value} to add it")
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))
     return cfg
@@ -222,7 +223,7 @@ def adopt_init_config(cfg: DictConfig, init_cfg, cli_overrides=()) -> DictConfig
     check_model_config(cfg, f"init_from={cfg.get('init_from')}")
     saved_size = OmegaConf.select(init_cfg, "data.img_size")
     if saved_size is not None and int(saved_size) != int(cfg.data.img_size):
-        raise ValueError(f"init_from: the checkpoint's model was built for data.img_size={saved_size}, this run "
+        raise ConfigError(f"init_from: the checkpoint's model was built for data.img_size={saved_size}, this run "
                          f"has data.img_size={cfg.data.img_size}; set data.img_size={saved_size}")
     return cfg
 

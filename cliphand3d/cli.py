@@ -9,6 +9,8 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager
 
+from omegaconf.errors import MissingMandatoryValue
+
 from .checkpoint import CheckpointError
 from .data.base import DatasetError
 from .export import MissingExtraError, ParityError
@@ -16,8 +18,9 @@ from .models.backbone import PretrainedWeightsError
 from .models.text_encoder import PretrainedWeightsUnavailable
 from .preflight import ConfigError
 
+# MissingMandatoryValue: a `???` key (eval.py's ckpt, the demo's input) not given on the command line
 USER_ERRORS = (DatasetError, CheckpointError, PretrainedWeightsError, PretrainedWeightsUnavailable,
-               FileNotFoundError, ConfigError, MissingExtraError, ParityError)
+               FileNotFoundError, ConfigError, MissingExtraError, ParityError, MissingMandatoryValue)
 
 
 def _user_error(exc: BaseException) -> BaseException | None:
@@ -37,5 +40,15 @@ def friendly_errors():
         err = _user_error(e)
         if err is None:
             raise
+        _close_progress_bars()
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+
+
+def _close_progress_bars() -> None:
+    """A tqdm bar that an exception left open ends its line only when it closes (at garbage collection,
+    after our message), so the message would follow the bar on its line; closing it ends that line first."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()

@@ -418,6 +418,7 @@ def load_demo_model(cfg: DictConfig) -> DemoModel:
 def run_demo(cfg: DictConfig) -> tuple[int, int, list[str]]:
     """Every input -> outputs in cfg.out. Returns (failed, total, one 'file: reason' line per failure)."""
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     s = settings(cfg)
     box = check_box(cfg.box, "box") if cfg.get("box") is not None else None
@@ -426,19 +427,20 @@ def run_demo(cfg: DictConfig) -> tuple[int, int, list[str]]:
     out = check_writable(cfg.out, "out")  # before the model is loaded
     dm = load_demo_model(cfg)
     stems, failures, done = output_stems(files), [], []
-    for path in tqdm(files, desc="demo", unit="input"):
-        try:
-            b = box
-            if boxes is not None:
-                if path.name not in boxes:
-                    raise InputError(f"{path}: no box for {path.name!r} in boxes={cfg.boxes}")
-                b = boxes[path.name]
-            run = process_video if path.suffix.lower() in VIDEO_SUFFIXES else process_image
-            done.append(run(dm, path, stems[path], out, b, s))
-        except (InputError, cv2.error) as e:
-            reason = str(e) if isinstance(e, InputError) else f"{path}: OpenCV: {str(e).strip().splitlines()[-1]}"
-            log.error("skipped %s", reason)
-            failures.append(reason)
+    with logging_redirect_tqdm():  # a report starts its own line instead of following the bar's
+        for path in tqdm(files, desc="demo", unit="input"):
+            try:
+                b = box
+                if boxes is not None:
+                    if path.name not in boxes:
+                        raise InputError(f"{path}: no box for {path.name!r} in boxes={cfg.boxes}")
+                    b = boxes[path.name]
+                run = process_video if path.suffix.lower() in VIDEO_SUFFIXES else process_image
+                done.append(run(dm, path, stems[path], out, b, s))
+            except (InputError, cv2.error) as e:
+                reason = str(e) if isinstance(e, InputError) else f"{path}: OpenCV: {str(e).strip().splitlines()[-1]}"
+                log.error("skipped %s", reason)
+                failures.append(reason)
     if cfg.get("labels"):
         score_against_labels(done, Path(str(cfg.labels)).expanduser(), dm, out)
     return len(failures), len(files), failures

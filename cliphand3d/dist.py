@@ -91,6 +91,16 @@ def all_gather_no_grad(t: torch.Tensor) -> torch.Tensor:
     return _gather_padded(t, _gather_sizes(t.shape[0], t.device))
 
 
+def all_reduce_sum(value: int, device: torch.device | str = "cpu") -> int:
+    """The sum of an integer over all ranks (the value itself in a single process). A collective: every
+    rank must call it at the same point. `device` must suit the backend (CUDA for NCCL)."""
+    if get_world_size() == 1:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return int(t.item())
+
+
 # --------------------------------------------------------------------------- set-up
 def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
     """Join the process group when launched by torchrun (RANK / WORLD_SIZE / LOCAL_RANK set).

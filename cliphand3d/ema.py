@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from cliphand3d.checkpoint import check_state_dict_compat, unwrap_model
+from .errors import ConfigError
 
 
 class ModelEMA:
@@ -28,7 +29,7 @@ class ModelEMA:
 
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"ema decay={decay} must be in [0, 1)")
+            raise ConfigError(f"trainer.ema_decay={decay} must be in [0, 1) (or null for no EMA)")
         self.decay = float(decay)
         self.warmup = bool(warmup)
         self.updates = 0

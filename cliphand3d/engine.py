@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import dist
+from .errors import ConfigError
 from .geometry import root_and_bone_from_uvd, uvd_to_xyz
 from .skeleton import SCALE_BONE
 
@@ -175,7 +176,7 @@ def train_one_epoch(
     host reads the device once per step; the loss for the bar and `log` only every `log_every` steps.
     """
     if int(max_nonfinite_steps) < 1:
-        raise ValueError(f"trainer.max_nonfinite_steps={max_nonfinite_steps} must be >= 1 (1 = stop at the "
+        raise ConfigError(f"trainer.max_nonfinite_steps={max_nonfinite_steps} must be >= 1 (1 = stop at the "
                          "first batch with non-finite gradients)")
     module.train()
     inner = unwrap(module)
@@ -250,7 +251,7 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, *, text_br
     |xyz[9] - xyz[10]| of the labels), as a submission without labels must; "auto": "gt" when items
     carry labels."""
     if placement not in PLACEMENTS:
-        raise ValueError(f"placement={placement!r} is not one of {PLACEMENTS} (eval.py placement=...)")
+        raise ConfigError(f"placement={placement!r} is not one of {PLACEMENTS} (eval.py placement=...)")
     model.eval()
     acc: dict[str, list] = {}
 
@@ -302,7 +303,7 @@ def _placement(uvd: torch.Tensor, batch: dict, img_size: int, placement: str, pi
     labelled = "root_depth" in batch
     if placement == "gt" or (placement == "auto" and labelled):
         if not labelled:
-            raise ValueError("placement='gt' needs the true root depth and bone, and these items carry no labels "
+            raise ConfigError("placement='gt' needs the true root depth and bone, and these items carry no labels "
                              "(e.g. FreiHAND evaluation without evaluation_xyz.json); use placement=estimated")
         return batch["root_depth"], batch["bone"], {}
     if "scale" in batch:
@@ -311,7 +312,7 @@ def _placement(uvd: torch.Tensor, batch: dict, img_size: int, placement: str, pi
         j = batch["joints_xyz"]
         scale = (j[..., SCALE_BONE[0], :] - j[..., SCALE_BONE[1], :]).norm(dim=-1)
     else:
-        raise ValueError("placement='estimated' needs each item's metric scale (item['scale'], FreiHAND's "
+        raise ConfigError("placement='estimated' needs each item's metric scale (item['scale'], FreiHAND's "
                          "*_scale.json) or its labels; this dataset provides neither")
     root, bone, exact = root_and_bone_from_uvd(uvd, batch["K"], img_size, scale, pixel_offset)
     return root, bone, {"scale": scale, "placement_exact": exact}

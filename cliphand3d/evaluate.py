@@ -20,6 +20,7 @@ from . import metrics
 from .build import build_datasets, build_prompts, check_split, load_model
 from .data.base import DatasetError
 from .engine import PLACEMENTS, predict
+from .errors import ConfigError
 from .geometry import root_and_bone_from_uvd, uvd_to_xyz
 from .preflight import check_writable
 from .skeleton import bone_length
@@ -70,8 +71,6 @@ def _data_config_chosen(data) -> bool:
 
 def _eval_root(cfg: DictConfig):
     """root=DIR, or data.root=DIR without data=NAME; both with different folders is refused."""
-    from .preflight import ConfigError
-
     data = cfg.get("data")
     data_root = data.get("root") if data is not None and not _data_config_chosen(data) else None
     root = cfg.get("root")
@@ -154,6 +153,17 @@ def write_pred_json(path: Path, pred_xyz: np.ndarray, pred_verts: np.ndarray | N
     path.write_text(json.dumps([xyz_list, verts_list]))
 
 
+def check_placement(placement: str, dataset=None, split: str = "test") -> str:
+    """eval.py's placement=, before predictions are spent on it: a known name, and labels when it is gt."""
+    if placement not in PLACEMENTS:
+        raise ConfigError(f"placement={placement!r} is not one of {PLACEMENTS} (eval.py placement=...)")
+    if dataset is not None and placement == "gt" and not getattr(dataset, "has_labels", True):
+        raise DatasetError(f"placement=gt places predictions at the true root depth and bone, and the {split} "
+                           f"split has no ground truth here.\n  fix: {dataset.labels_hint()}; or use "
+                           "placement=estimated")
+    return placement
+
+
 def run_eval(cfg: DictConfig) -> dict:
     split = check_split(cfg.split)  # before any time is spent on the checkpoint
     ckpt_path = Path(cfg.ckpt).expanduser()
@@ -163,19 +173,14 @@ def run_eval(cfg: DictConfig) -> dict:
     model, saved, ckpt = load_model(ckpt_path, model_overrides(cfg), device, use_ema=bool(cfg.use_ema))
     run = eval_config(cfg, saved)
     template = template_from_state(ckpt["template"])
-    placement = str(cfg.placement)
-    if placement not in PLACEMENTS:
-        raise ValueError(f"placement={placement!r} is not one of {PLACEMENTS} (eval.py placement=...)")
+    placement = check_placement(str(cfg.placement))
 
     text_branch = _text_branch(run, ckpt, device) if _has_adapters(ckpt) else None
     dataset = _eval_dataset(run, split, bool(cfg.require_gt), build_prompts(run) if text_branch is not None else None)
     labelled = getattr(dataset, "has_labels", True)
     if not labelled:
         text_branch = None  # retrieval scores prompts, which are made from labels
-        if placement == "gt":
-            raise DatasetError(f"placement=gt places predictions at the true root depth and bone, and the {split} "
-                               f"split has no ground truth here.\n  fix: {dataset.labels_hint()}; or use "
-                               "placement=estimated")
+        check_placement(placement, dataset, split)
     loader = make_loader(dataset, batch_size=eval_batch_size(cfg, model), num_workers=int(cfg.num_workers),
                          device=device)
     preds = predict(model, loader, device, text_branch=text_branch, placement=placement)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .errors import ConfigError
 from .models.joint_regressor import bin_centres, depth_to_unit
 
 # Names that are logged but never summed into the objective.
@@ -32,7 +33,7 @@ def point_error(pred: torch.Tensor, target: torch.Tensor, kind: str = "l1") -> t
         return (pred - target).pow(2).sum(-1).mean()
     if kind == "smooth_l1":
         return F.smooth_l1_loss(pred, target, beta=0.01)
-    raise ValueError(f"loss.kind={kind!r} is not one of l1, l2, smooth_l1")
+    raise ConfigError(f"loss.kind={kind!r} is not one of l1, l2, smooth_l1")
 
 
 def heatmap_ce(logits: torch.Tensor, target01: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -64,7 +65,7 @@ def weighted_total(terms: Mapping[str, torch.Tensor], weights: Mapping[str, floa
             continue
         total = w * value if total is None else total + w * value
     if total is None:
-        raise ValueError(f"every loss weight is zero for terms {sorted(terms)}; set loss.weights")
+        raise ConfigError(f"every loss weight is zero for terms {sorted(terms)}; set loss.weights")
     return total
 
 
@@ -77,14 +78,14 @@ class CLIPHand3DLoss(nn.Module):
         self.depth_range, self.heatmap_sigma = float(depth_range), float(heatmap_sigma)
         for key, v in (("loss.depth_range", self.depth_range), ("loss.heatmap_sigma", self.heatmap_sigma)):
             if not v > 0:
-                raise ValueError(f"{key}={v} must be > 0 (depth_range follows model.depth_range; heatmap_sigma "
+                raise ConfigError(f"{key}={v} must be > 0 (depth_range follows model.depth_range; heatmap_sigma "
                                  f"is a Gaussian width in [0, 1] units, e.g. 0.04)")
         self.weights = {k: float(v) for k, v in dict(weights).items()}
         # a misspelt weight would otherwise be ignored, leaving the term it meant at its default
         known = TERMS + tuple(f"clip_{a}" for a in getattr(contrastive, "axes", ("x", "y", "z")))
         unknown = [k for k in self.weights if k not in known]
         if unknown:
-            raise ValueError(f"loss.weights.{unknown[0]} is not a loss term; choose from {list(known)}")
+            raise ConfigError(f"loss.weights.{unknown[0]} is not a loss term; choose from {list(known)}")
         self.kind = kind
         point_error(torch.zeros(1, 1, 3), torch.zeros(1, 1, 3), kind)  # fail on a bad kind at build time
         self.contrastive = contrastive if self.weights.get("clip", 0.0) > 0 or any(
@@ -106,7 +107,7 @@ class CLIPHand3DLoss(nn.Module):
         }
         if self.weights.get("heatmap", 0.0) > 0:
             if outputs.get("logits") is None:
-                raise ValueError("loss.weights.heatmap > 0 but the model returned no 1D-heatmap logits "
+                raise ConfigError("loss.weights.heatmap > 0 but the model returned no 1D-heatmap logits "
                                  "(outputs['logits']); set loss.weights.heatmap=0 for such a model")
             t01 = torch.cat([target[..., :2], depth_to_unit(target[..., 2:], self.depth_range)], -1)
             lg = outputs["logits"]
@@ -121,7 +122,7 @@ class CLIPHand3DLoss(nn.Module):
                                   for pred, idx in zip(outputs["stages"], outputs["stage_index"])) / len(outputs["stages"])
         if self.contrastive is not None:
             if text_feats is None or "pose_feats" not in outputs:
-                raise ValueError("the contrastive loss is on (loss.weights.clip > 0) but no text features were "
+                raise ConfigError("the contrastive loss is on (loss.weights.clip > 0) but no text features were "
                                  "computed; check that the dataset has a prompt generator (prompt=...)")
             prompts = batch.get("prompts") or None
             terms.update(self.contrastive(outputs["pose_feats"], text_feats, prompts))

@@ -17,13 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import metrics
 from .build import text_branch_on
+from .errors import ConfigError  # noqa: F401 - its home is errors.py; callers import it from here too
 from .skeleton import NUM_JOINTS
 
 BACKBONE_STRIDE = 32  # ResNet F4 (cliphand3d.models.backbone.STRIDES[-1])
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key and the fix."""
 
 
 def metric_names(protocol: str, has_verts: bool) -> list[str]:

@@ -28,6 +28,7 @@ from .checkpoint import (capture_rng_state, compare_configs, config_to_container
 from .data.sampler import ResumableSampler
 from .ema import ModelEMA
 from .engine import NonFiniteLossError, TrainState, autocast_for, predict, train_one_epoch, unwrap
+from .errors import ConfigError
 from .models.template import MeshTemplate
 from .models.training import TrainingModule
 from .data.base import SkipCounter
@@ -81,7 +82,7 @@ def pick_device(name: str, local_rank: int) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
+            raise ConfigError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device(name)
@@ -207,12 +208,19 @@ def check_gradients(module: torch.nn.Module) -> bool:
     return True
 
 
-def check_checkpoint_space(ckpt_dir: Path, module: torch.nn.Module, ema) -> None:
-    """A checkpoint holds the weights, AdamW's two moments per trainable weight and the EMA copy; while it is
-    written its temp copy sits beside the file it replaces. Checked before the first step, not at the first save."""
+def check_checkpoint_space(ckpt_dir: Path, module: torch.nn.Module, ema, save_init: bool = False) -> None:
+    """A checkpoint holds the weights, AdamW's two moments per trainable weight and the EMA copy. A run keeps
+    last.pt and best.pt (and init.pt with trainer.save_init) side by side, and an atomic save writes a temp
+    file beside the one it replaces: at the peak, every file plus one temp copy. Files already there (a
+    resumed run) are replaced in place and take no new space. Checked before the first step, not at the
+    first save."""
     trainable = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
     size = state_bytes(module) + 2 * trainable + (state_bytes(ema.module) if ema is not None else 0)
-    check_free_space(ckpt_dir, 2 * size, "run_dir", "a checkpoint and its temp copy while it is written")
+    names = ["last.pt", "best.pt"] + (["init.pt"] if save_init else [])
+    new = [n for n in names if not (Path(ckpt_dir) / n).is_file()]
+    parts = ", ".join(new + ["the temp file of a save"])
+    check_free_space(ckpt_dir, (len(new) + 1) * size, "run_dir",
+                     f"the checkpoints at their peak ({parts}: {len(new) + 1} x {size / 2 ** 20:.1f} MB)")
 
 
 # --------------------------------------------------------------------------- resume
@@ -256,7 +264,7 @@ def resume_mismatches(saved: dict, cfg: dict, *, world_size: int, batch_size: in
 def check_resumable(saved: dict, cfg: DictConfig, path: Path, *, world_size: int, batch_size: int) -> None:
     lines = resume_mismatches(saved, config_to_container(cfg), world_size=world_size, batch_size=batch_size)
     if lines:
-        raise SystemExit(
+        raise ConfigError(
             f"cannot resume from {path} exactly; it differs from this run at:\n" + "".join(f"  {x}\n" for x in lines)
             + f"  fix: resume with the saved values (the run's config.yaml beside {path.parent.name}/ holds them) "
             "on the same number of processes, or start a new run with name=<new name>. May differ: "
@@ -297,7 +305,8 @@ class Run:
         self._build_optimisation()
         self.state = TrainState(world_size=world, batch_size=self.bs)
         if self.main:
-            check_checkpoint_space(self.ckpt_dir, unwrap(self.module), self.ema)
+            check_checkpoint_space(self.ckpt_dir, unwrap(self.module), self.ema,
+                                   save_init=bool(self.tcfg.get("save_init")) and saved is None)
         self.skips = SkipCounter(saved.get("skipped_bad", 0) if saved is not None else 0)
         if saved is not None:
             self._restore(saved)
@@ -313,7 +322,7 @@ class Run:
         that holds another run and a resume that cannot continue exactly."""
         resume_path = find_resume_checkpoint(self.run_dir, cfg.resume)
         if resume_path is None and (self.ckpt_dir / "last.pt").is_file() and self.main:
-            raise SystemExit(f"{self.ckpt_dir / 'last.pt'} exists: this run folder already holds a run.\n"
+            raise ConfigError(f"{self.ckpt_dir / 'last.pt'} exists: this run folder already holds a run.\n"
                              f"  fix: resume=auto to continue it, or name=<new name> (or run_dir=...) for a new run")
         # init_from: start from another checkpoint's weights (e.g. the imported released network), with its
         # architecture; a resumed run keeps the same adopted config, so the resume check still holds
@@ -333,7 +342,7 @@ class Run:
                                         world_size=self.world, batch_size=self.bs, drop_last=True)
         self.steps_per_epoch = self.sampler.batches_per_epoch()
         if self.steps_per_epoch == 0:
-            raise SystemExit(f"trainer.batch_size={self.bs} x {self.world} process(es) is larger than the training "
+            raise ConfigError(f"trainer.batch_size={self.bs} x {self.world} process(es) is larger than the training "
                              f"set ({len(self.train_set)} samples): lower trainer.batch_size or use more data")
         self.val_loader = make_loader(self.val_set, batch_size=int(self.tcfg.val_batch_size),
                                       num_workers=int(self.tcfg.num_workers), device=self.device)
@@ -435,11 +444,13 @@ class Run:
         if every and st.step % int(every) == 0 and st.step < self.total_steps:
             self.validate()
         if self.tcfg.ckpt_every_steps and st.step % int(self.tcfg.ckpt_every_steps) == 0:
+            self.skips.sync(self.device)
             self.checkpoint("last.pt")
 
     def validate(self) -> dict:
         """Validate on `val` (rank 0), log, and keep best.pt by `trainer.monitor`."""
         st, res = self.state, {}
+        self.skips.sync(self.device)  # a collective, so here where every rank is, not where rank 0 saves best.pt
         if self.main:
             eval_model = self.ema.module if self.ema is not None else unwrap(self.module).model
             res, preds = validate(eval_model, self.val_loader, self.device,
@@ -496,12 +507,14 @@ class Run:
             self.logger.close()
             log.error("%s", e)
             raise SystemExit(str(e)) from None
-        progress.close()
+        finally:
+            progress.close()  # ends the bar's line, so whatever is printed next starts its own
         history = self.state.history
         if not history or history[-1]["step"] != self.state.step:
             self.last_metrics = self.validate()
         elif not self.last_metrics:
             self.last_metrics = {k: v for k, v in history[-1].items() if k != "step"}
+        self.skips.sync(self.device)
         self.checkpoint("last.pt")
         self._write_summary(time.perf_counter() - t_start)
         self.logger.close()

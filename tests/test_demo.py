@@ -338,3 +338,24 @@ def test_real_freihand_photos_run_and_are_scored(ckpt, tmp_path):
     assert report["num_images"] == 8
     assert 0 < report["mean_2d_error_px"] < 224 and 0 < report["mean_pose_baseline_px"] < 224
     assert "2D error on 8 labelled images" in res.stdout
+
+
+def test_a_skipped_input_is_reported_on_its_own_line(tmp_path, monkeypatch, capsys):
+    import logging
+    import sys
+
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"\x89PNG not an image")
+    monkeypatch.setattr(demo, "load_demo_model", lambda cfg: None)  # both fail before the model is used
+    handler = logging.StreamHandler(sys.stderr)  # the console handler scripts log through
+    logging.getLogger().addHandler(handler)
+    try:
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = compose("demo", overrides=["ckpt=x.pt", f"input={tmp_path}", f"out={tmp_path / 'out'}"])
+        failed, total, _ = demo.run_demo(cfg)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    err = capsys.readouterr().err
+    assert (failed, total) == (2, 2) and err.count("skipped ") == 2
+    # each report starts a line of its own, not the progress bar's
+    assert all(line.startswith("skipped ") for line in err.replace("\r", "\n").splitlines() if "skipped " in line)

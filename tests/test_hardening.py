@@ -55,8 +55,9 @@ def one_error_line(res) -> str:
     """The script stopped with exit 1 and one `error:` message, no traceback; returns the message."""
     assert res.returncode == 1, res.stderr[-3000:]
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
-    # (a training run's progress bar may still be on the line it starts)
     assert res.stderr.count("error: ") == 1, res.stderr[-3000:]
+    # on a line of its own, even when a progress bar was drawing when the error came
+    assert res.stderr.startswith("error: ") or "\nerror: " in res.stderr, res.stderr[-3000:]
     return res.stderr[res.stderr.index("error: "):]
 
 
@@ -172,12 +173,25 @@ def test_checkpoint_space_is_checked_before_training(tmp_path, monkeypatch):
     module = nn.Linear(10, 10)  # 110 float32 weights, all trainable
     module.bias.requires_grad_(False)  # 100 trainable
     size = 110 * 4 + 2 * 100 * 4  # the weights and AdamW's two moments
-    free = {"bytes": 2 * size}
+    free = {"bytes": 0}
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 ** 9, 0, free["bytes"]))
-    check_checkpoint_space(tmp_path, module, None)  # exactly enough: a checkpoint and its temp copy
-    free["bytes"] -= 1
-    with pytest.raises(ConfigError, match=rf"run_dir: the disk holding {tmp_path} has 0 MB free"):
-        check_checkpoint_space(tmp_path, module, None)
+
+    def fits(n_sizes, **kw) -> bool:
+        """Whether exactly n_sizes checkpoints' worth of free space passes, and one byte less is refused."""
+        free["bytes"] = n_sizes * size
+        check_checkpoint_space(tmp_path, module, None, **kw)
+        free["bytes"] -= 1
+        with pytest.raises(ConfigError, match=rf"run_dir: the disk holding {tmp_path} has 0 MB free") as e:
+            check_checkpoint_space(tmp_path, module, None, **kw)
+        return str(e.value)
+
+    # a fresh run: last.pt + best.pt side by side, and the temp file of a save replacing one of them
+    assert "(last.pt, best.pt, the temp file of a save: 3 x 0.0 MB)" in fits(3)
+    assert "(last.pt, best.pt, init.pt, the temp file of a save: 4 x" in fits(4, save_init=True)
+    # a resumed run replaces its files in place: only the temp file is new
+    save_checkpoint(tmp_path / "last.pt", {"step": 1})
+    save_checkpoint(tmp_path / "best.pt", {"step": 1})
+    assert "(the temp file of a save: 1 x" in fits(1)
 
 
 def test_unwritable_run_dir_stops_train_py_before_any_work(tmp_path):
@@ -311,9 +325,11 @@ def test_a_corrupt_image_stops_with_its_name_or_is_skipped_deterministically(dam
     again = FreiHAND(root, split="train", versions=(0,), skip_bad=True)
     assert torch.equal(again[0]["image"], item["image"])
     assert [ds[i]["meta"]["skipped"] for i in range(1, len(ds))] == [0] * (len(ds) - 1)
-    counter = SkipCounter(5)
+    counter = SkipCounter(5)  # 5 counted before a resume
     batches = list(counter.wrap([{"meta": {"skipped": torch.tensor([1, 0, 2])}}, {"meta": {"skipped": torch.tensor([0])}}]))
     assert len(batches) == 2 and counter.total == 8
+    # in one process the sum over processes is this one's count; summing again does not count twice
+    assert counter.sync() == 8 and counter.sync() == 8 and counter.total == 8
 
 
 def test_training_skips_a_corrupt_image_and_counts_it_in_the_log_and_summary(damaged, tmp_path):
@@ -349,3 +365,36 @@ def test_a_run_folder_holding_a_run_is_not_overwritten(tmp_path):
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert f"{tmp_path / 'checkpoints' / 'last.pt'} exists: this run folder already holds a run" in res.stderr
     assert "resume=auto" in res.stderr and load_checkpoint(tmp_path / "checkpoints" / "last.pt") == {"step": 5}
+
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_skipped_items_are_counted_over_every_ddp_process(damaged, tmp_path):
+    import socket
+
+    from cliphand3d.data.sampler import ResumableSampler
+
+    root, _ = damaged
+    out = tmp_path / "ddp"
+    # 4 training items, 2 per process, one step per epoch: the damaged item 0 is dealt to rank 0 in epochs 0
+    # and 2 and to rank 1 in epoch 1, so rank 0 alone sees 2 of the 3 skips
+    dealt = []
+    for epoch in range(3):
+        for rank in range(2):
+            sampler = ResumableSampler(4, seed=0, rank=rank, world_size=2, batch_size=2)
+            sampler.set_epoch(epoch)
+            dealt += [rank] if 0 in list(sampler) else []
+    assert dealt == [0, 1, 0]
+    with socket.socket() as sock:  # a free port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    overrides = [o for o in TINY if not o.startswith("trainer.batch_size")]
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", TRAIN,
+         f"run_dir={out}", f"hydra.run.dir={out}", f"data.root={root}", "data.skip_bad=true", *overrides,
+         "trainer.batch_size=2"], capture_output=True, text=True, timeout=600, env=env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((out / "train_summary.json").read_text())["skipped_bad"] == 3
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["skipped_bad"] == 3
+    assert "data.skip_bad: 3 training item(s) were unreadable" in res.stdout + res.stderr

@@ -8,6 +8,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from cliphand3d.data.writers import write_freihand, write_rhd
+from cliphand3d.errors import ConfigError
 from cliphand3d.trainer import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -72,12 +73,12 @@ def test_a_run_folder_is_never_overwritten(tmp_path):
     overrides = [f"run_dir={tmp_path}", *TINY, "data.num_train=8", "data.num_val=8", "data.num_verts=200",
                  "model_template.build.levels=[40,80,120]"]
     train(compose_train(overrides))
-    with pytest.raises(SystemExit, match="resume=auto"):
+    with pytest.raises(ConfigError, match="resume=auto"):
         train(compose_train(overrides))
     # resume=auto on a finished run trains no further and keeps the checkpoint
     train(compose_train(overrides + ["resume=auto"]))
     # a different model cannot resume this run
-    with pytest.raises(SystemExit, match="model.depth_bins: saved 16, now 8"):
+    with pytest.raises(ConfigError, match="model.depth_bins: saved 16, now 8"):
         train(compose_train(overrides + ["resume=auto", "model.depth_bins=8"]))
 
 

@@ -55,6 +55,24 @@ def test_cli_finds_our_error_under_a_wrapper():
     assert _user_error(KeyError("x")) is None  # anything else keeps its traceback
 
 
+def test_cli_error_starts_on_its_own_line_after_a_progress_bar(capsys):
+    import sys
+
+    from tqdm import tqdm
+
+    from cliphand3d.cli import friendly_errors
+
+    bar = tqdm(total=3, desc="train", file=sys.stderr, mininterval=0)
+    bar.update(1)  # the bar's line is open: tqdm ends it only when the bar closes
+    with pytest.raises(SystemExit) as stop:
+        with friendly_errors():
+            raise DatasetError("image is truncated or corrupt: /x.jpg")
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and "train:" in err
+    assert "\nerror: image is truncated or corrupt: /x.jpg\n" in err
+    assert err.count("error: ") == 1
+
+
 def _composed(*overrides):
     from hydra import compose, initialize_config_dir
     from pathlib import Path

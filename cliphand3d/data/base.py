@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..dist import all_reduce_sum
 from ..skeleton import NUM_JOINTS
 
 log = logging.getLogger(__name__)
@@ -59,17 +60,6 @@ def check_lengths(lists: dict[str, Any], fix: str) -> int:
         detail = ", ".join(f"{k}: {n}" for k, n in lengths.items())
         raise DatasetError(f"annotation lists have different lengths ({detail}).\n  fix: {fix}")
     return next(iter(lengths.values()))
-
-
-def as_array(value, shape: tuple[int, ...], where: str) -> np.ndarray:
-    """Convert one annotation entry to float64 and check its shape (-1 = any)."""
-    try:
-        a = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise DatasetError(f"{where}: not a numeric array") from None
-    if a.ndim != len(shape) or any(s != -1 and s != n for s, n in zip(shape, a.shape)):
-        raise DatasetError(f"{where}: expected shape {shape}, got {a.shape}")
-    return a
 
 
 _END_MARKERS = {".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9", ".png": b"IEND\xaeB`\x82"}
@@ -298,17 +288,29 @@ class HandDataset(Dataset):
 class SkipCounter:
     """data.skip_bad: how many training items were replaced by the next readable one (items carry the
     number in meta["skipped"]; they are counted here, in the training process, as loader workers' counts
-    would be lost). Saved in checkpoints so a resumed run keeps counting."""
+    would be lost). Saved in checkpoints so a resumed run keeps counting.
+
+    Under DDP each process sees only its shard: `total` is exact after `sync`, which sums every rank's
+    count (a collective), and counts this process's items alone in between."""
 
     def __init__(self, total: int = 0):
-        self.total = int(total)
+        self.saved = int(total)  # the whole run's count up to the checkpoint it resumed from
+        self.local = 0           # this process's count since then
+        self.total = self.saved
 
     def wrap(self, loader):
         for batch in loader:
             skipped = batch.get("meta", {}).get("skipped") if isinstance(batch, dict) else None
             if skipped is not None:
-                self.total += int(torch.as_tensor(skipped).sum())
+                n = int(torch.as_tensor(skipped).sum())
+                self.local += n
+                self.total += n
             yield batch
+
+    def sync(self, device: torch.device | str = "cpu") -> int:
+        """Sum the counts of every rank into `total` (every rank must call it at the same point)."""
+        self.total = self.saved + all_reduce_sum(self.local, device)
+        return self.total
 
 
 ITEM_KEYS = ("image", "joints_xyz", "joints_uvd", "K", "root_depth", "bone", "prompts", "meta")

@@ -14,6 +14,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from ..errors import ConfigError
+
 # --------------------------------------------------------------------------- nominal adult hand (metres)
 # Proportions follow RHD's skeleton (wrist -> MCP ~ 9 cm, MCP span ~ 6 cm).
 MCP = np.array([[0.028, 0.0876, 0.004], [0.007, 0.0917, 0.0], [-0.013, 0.0870, 0.002], [-0.032, 0.0755, 0.006]])
@@ -326,7 +328,7 @@ def surface_layout(num_verts: int = 778) -> SurfaceLayout:
     fingertip, the 4 wrist corners of the palm), so a linear joint regressor from points is exact.
     """
     if not isinstance(num_verts, (int, np.integer)) or num_verts < MIN_VERTS:
-        raise ValueError(f"num_verts must be an int >= {MIN_VERTS}, got {num_verts!r}")
+        raise ConfigError(f"num_verts must be an int >= {MIN_VERTS}, got {num_verts!r}")
     num_verts = int(num_verts)
     joints, frames = forward(NEUTRAL_SHAPE, np.zeros((5, 4)))
     start, end, ra, rb = capsules(NEUTRAL_SHAPE, joints, frames)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import ConfigError
 from ..skeleton import ANATOMICAL_JOINT_NAMES, JOINT_NAMES, NUM_JOINTS
 
 AXES: tuple[str, ...] = ("x", "y", "z")
@@ -137,7 +138,7 @@ def available_namings() -> tuple[str, ...]:
 
 def get_template(name: str) -> Template:
     if name not in _TEMPLATES:
-        raise ValueError(
+        raise ConfigError(
             f"unknown prompt template {name!r}; known: {list(available_templates())}. Add one with "
             f"cliphand3d.data.prompts.register_template(name, formats) and a config in configs/prompt/ "
             f"(see docs/prompts.md)"
@@ -147,7 +148,7 @@ def get_template(name: str) -> Template:
 
 def get_naming(name: str) -> tuple[str, ...]:
     if name not in _NAMINGS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown joint naming {name!r}; known: {list(available_namings())}. Add one with "
             f"cliphand3d.data.prompts.register_naming(name, names)"
         )
@@ -242,7 +243,7 @@ class PromptGenerator:
         self.truncate = bool(truncate)
         self.context_length = int(context_length)
         if self.context_length < 3:
-            raise ValueError(f"prompt.context_length must be >= 3, got {context_length}")
+            raise ConfigError(f"prompt.context_length must be >= 3, got {context_length}")
         self.max_tokens, worst_axis = self._worst_case(self.num_joints, self.joint_subset)
         if self.max_tokens > self.context_length:
             self._overflow(worst_axis)
@@ -251,17 +252,17 @@ class PromptGenerator:
     def _check_axes(axes) -> tuple[str, ...]:
         axes = (axes,) if isinstance(axes, str) else tuple(str(a) for a in axes)
         if not axes or len(set(axes)) != len(axes) or not set(axes) <= set(AXES):
-            raise ValueError(f"prompt.axes must be distinct values from {list(AXES)}, got {list(axes)}")
+            raise ConfigError(f"prompt.axes must be distinct values from {list(AXES)}, got {list(axes)}")
         return axes
 
     @staticmethod
     def _check_subset(num_joints, joint_subset):
         if num_joints is not None and joint_subset is not None:
-            raise ValueError("prompt.num_joints and prompt.joint_subset are exclusive; set one to null")
+            raise ConfigError("prompt.num_joints and prompt.joint_subset are exclusive; set one to null")
         if joint_subset is not None:
             subset = tuple(sorted(int(i) for i in joint_subset))
             if not subset or len(set(subset)) != len(subset) or not all(0 <= i < NUM_JOINTS for i in subset):
-                raise ValueError(
+                raise ConfigError(
                     f"prompt.joint_subset must be distinct joint indices in [0, {NUM_JOINTS - 1}], got "
                     f"{list(joint_subset)}"
                 )
@@ -269,7 +270,7 @@ class PromptGenerator:
         if num_joints is not None:
             num_joints = int(num_joints)
             if not 1 <= num_joints <= NUM_JOINTS:
-                raise ValueError(f"prompt.num_joints must be in [1, {NUM_JOINTS}] or null, got {num_joints}")
+                raise ConfigError(f"prompt.num_joints must be in [1, {NUM_JOINTS}] or null, got {num_joints}")
             if num_joints == NUM_JOINTS:
                 num_joints = None  # every joint: nothing to draw
         return num_joints, None
@@ -304,7 +305,7 @@ class PromptGenerator:
             return
         fits = [k for k in range(NUM_JOINTS, 0, -1) if self._worst_case(k, None)[0] <= self.context_length]
         hint = f" (at most {fits[0]} fits)" if fits else ""
-        raise ValueError(
+        raise ConfigError(
             f"prompt template {self.template_name!r} with {what} and naming {self.naming!r} is "
             f"{self.max_tokens} CLIP tokens on axis {axis!r} in the worst case, over the context "
             f"length {self.context_length}. Set prompt.truncate=true to let the text encoder cut it, "

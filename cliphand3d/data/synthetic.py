@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from ..errors import ConfigError
 from ..geometry import project, square_box
 from .base import HandDataset, RawSample
 from .hand_model import (DISTAL, HandShape, capsules, forward, palm_edges, palm_outline, sample_angles,
@@ -173,7 +174,7 @@ def sample_hand(seed: int, index: int, *, num_verts: int = 778, img_size: int = 
     camera, colours, light."""
     _check_key(seed, index)
     if view not in VIEWS:
-        raise ValueError(f"view={view!r} is not a synthetic viewpoint prior; choose one of {VIEWS} "
+        raise ConfigError(f"view={view!r} is not a synthetic viewpoint prior; choose one of {VIEWS} "
                          f"(data.view=...)")
     draw_rotation = _random_rotation if view == "uniform" else _upright_rotation
     rng = np.random.default_rng([int(seed), int(index)])
@@ -456,16 +457,16 @@ class SyntheticHands(HandDataset):
                  view: str = "uniform", skip_bad: bool = False):
         super().__init__(img_size=img_size, augment=augment, prompts=prompts, seed=seed, skip_bad=skip_bad)
         if view not in VIEWS:
-            raise ValueError(f"SyntheticHands: data.view={view!r} is not one of {VIEWS}")
+            raise ConfigError(f"SyntheticHands: data.view={view!r} is not one of {VIEWS}")
         if not isinstance(length, (int, np.integer)) or length < 1:
-            raise ValueError(f"SyntheticHands: length must be a positive int, got {length!r}")
+            raise ConfigError(f"SyntheticHands: length must be a positive int, got {length!r}")
         if split not in SPLIT_OFFSETS:
-            raise ValueError(f"SyntheticHands: split must be one of {tuple(SPLIT_OFFSETS)} (data.<entry>.split), "
+            raise ConfigError(f"SyntheticHands: split must be one of {tuple(SPLIT_OFFSETS)} (data.<entry>.split), "
                              f"got {split!r}")
         top = SPLIT_SEEDS[split]
         if not isinstance(seed, (int, np.integer)) or seed < 0 or seed >= top:
             key = {"train": "seed", "val": "data.holdout_seed", "test": "data.test_seed"}[split]
-            raise ValueError(f"SyntheticHands: the {split} seed ({key}) must be an int in [0, {top}), got {seed!r}")
+            raise ConfigError(f"SyntheticHands: the {split} seed ({key}) must be an int in [0, {top}), got {seed!r}")
         surface_layout(num_verts)  # fail now, with the message about num_verts, not in a worker
         self.length = int(length)
         self.split = split

@@ -15,6 +15,8 @@ import torch
 import torchvision
 from torch import nn
 
+from ..errors import ConfigError
+
 CHOICES: dict[str, list[int]] = {
     # F0 (stem), F1..F4 (layer1..layer4) channels.
     "resnet18": [64, 64, 128, 256, 512],
@@ -41,7 +43,7 @@ class ResNetBackbone(nn.Module):
     def __init__(self, name: str = "resnet50", pretrained: str | os.PathLike | None = None):
         super().__init__()
         if name not in CHOICES:
-            raise ValueError(f"model.backbone={name!r} is not supported; "
+            raise ConfigError(f"model.backbone={name!r} is not supported; "
                              f"choose one of {sorted(CHOICES)}")
         self.name = name
         self.channels: list[int] = list(CHOICES[name])

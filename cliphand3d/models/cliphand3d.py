@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..geometry import uvd_to_xyz
 from .backbone import ResNetBackbone
 from .joint_features import JointFeatures
@@ -68,7 +69,7 @@ class CLIPHand3D(nn.Module):
     ):
         super().__init__()
         if joints_from not in JOINTS_FROM:
-            raise ValueError(f"model.joints_from={joints_from!r} is unknown; choose from {list(JOINTS_FROM)}")
+            raise ConfigError(f"model.joints_from={joints_from!r} is unknown; choose from {list(JOINTS_FROM)}")
         self.joints_from, self.uv_pixel_offset = joints_from, float(uv_pixel_offset)
         self.img_size = int(img_size)
         self.depth_range = float(depth_range)

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import dist
+from ..errors import ConfigError
 
 
 def prompt_hash(prompt: str) -> int:
@@ -74,14 +75,14 @@ class PerAxisContrastiveLoss(nn.Module):
         super().__init__()
         axes = (axes,) if isinstance(axes, str) else tuple(str(a) for a in axes)
         if not axes or len(set(axes)) != len(axes):
-            raise ValueError(f"loss.axes must be distinct axis names, got {list(axes)}")
+            raise ConfigError(f"loss.axes must be distinct axis names, got {list(axes)}")
         if not 0 < min_scale <= max_scale:
-            raise ValueError(
+            raise ConfigError(
                 f"loss scale clamp needs 0 < min_scale <= max_scale, got min_scale={min_scale}, "
                 f"max_scale={max_scale}"
             )
         if not math.log(min_scale) <= init_logit_scale <= math.log(max_scale):
-            raise ValueError(
+            raise ConfigError(
                 f"loss.contrastive.init_logit_scale={init_logit_scale} is outside [log(min_scale), log(max_scale)] = "
                 f"[{math.log(min_scale):.4g}, {math.log(max_scale):.4g}]; e.g. log(1/0.07) = 2.659 (CLIP)"
             )

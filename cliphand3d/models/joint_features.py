@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
+
 IMPLS = ("factorized", "naive")
 # Where a joint at c lands on the n cells: "centres" at c * n - 0.5 (cell i's centre is (i + 0.5) / n,
 # the project's convention); "integer" at c * n, the released network's grid (docs/released.md).
@@ -74,13 +76,13 @@ class JointFeatures(nn.Module):
                  tokens: str = "pool", map_size: int | None = None):
         super().__init__()
         if impl not in IMPLS:
-            raise ValueError(f"JointFeatures impl={impl!r}; choose one of {IMPLS}")
+            raise ConfigError(f"model.joint_feature_impl={impl!r} is unknown; choose from {list(IMPLS)}")
         if heat_grid not in HEAT_GRIDS:
-            raise ValueError(f"model.heat_grid={heat_grid!r} is unknown; choose from {list(HEAT_GRIDS)}")
+            raise ConfigError(f"model.heat_grid={heat_grid!r} is unknown; choose from {list(HEAT_GRIDS)}")
         if tokens not in TOKENS:
-            raise ValueError(f"model.joint_tokens={tokens!r} is unknown; choose from {list(TOKENS)}")
+            raise ConfigError(f"model.joint_tokens={tokens!r} is unknown; choose from {list(TOKENS)}")
         if tokens == "flatten" and (hidden != num_joints or not map_size):
-            raise ValueError(f"model.joint_tokens=flatten keeps one map per joint: it needs "
+            raise ConfigError(f"model.joint_tokens=flatten keeps one map per joint: it needs "
                              f"model.joint_feature_hidden={num_joints} (got {hidden}) and the F0 map size "
                              f"(got {map_size})")
         self.in_channels, self.num_joints, self.depth_bins = in_channels, num_joints, depth_bins

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
+
 AXES = ("x", "y", "z")
 # Soft-argmax output convention: "unit" divides the expected bin position by the bin count (DESIGN
 # 1.4); "bins" returns it in bins, as the authors' released code does (docs/released.md).
@@ -64,9 +66,9 @@ class JointRegressor(nn.Module):
                  coord_units: str = "unit", bin_offset: float = 0.5):
         super().__init__()
         if z_head not in Z_HEADS:
-            raise ValueError(f"model.z_head={z_head!r} is unknown; choose from {list(Z_HEADS)}")
+            raise ConfigError(f"model.z_head={z_head!r} is unknown; choose from {list(Z_HEADS)}")
         if coord_units not in COORD_UNITS:
-            raise ValueError(f"model.coord_units={coord_units!r} is unknown; choose from {list(COORD_UNITS)}")
+            raise ConfigError(f"model.coord_units={coord_units!r} is unknown; choose from {list(COORD_UNITS)}")
         self.in_channels, self.num_joints, self.depth_bins = in_channels, num_joints, depth_bins
         self.num_deconv = num_deconv
         self.z_head, self.coord_units, self.bin_offset = z_head, coord_units, float(bin_offset)

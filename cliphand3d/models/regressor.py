@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from ..skeleton import NUM_JOINTS
 from .blocks import ClipResidualBlock
 from .template import MeshTemplate
@@ -43,7 +44,7 @@ ATTENTION_OVER = ("nodes", "batch")
 
 def _choice(key: str, value: str, choices) -> str:
     if value not in choices:
-        raise ValueError(f"model.{key}={value!r} is unknown; choose from {list(choices)}")
+        raise ConfigError(f"model.{key}={value!r} is unknown; choose from {list(choices)}")
     return value
 
 
@@ -161,11 +162,11 @@ class CoarseToFineRegressor(nn.Module):
         widths = [int(w) for w in widths]
         n_levels = len(template.levels)
         if len(widths) != n_levels + 1:
-            raise ValueError(f"widths={tuple(widths)}: need {n_levels + 1} entries (the input width, then one per "
+            raise ConfigError(f"model.widths={list(widths)}: need {n_levels + 1} entries (the input width, then one per "
                              f"template level; the template has levels {template.level_sizes})")
         for w in widths[1:]:
             if w <= 3 or w % heads:
-                raise ValueError(f"widths={tuple(widths)}: every stage width must be > 3 (3 channels hold the "
+                raise ConfigError(f"model.widths={list(widths)}: every stage width must be > 3 (3 channels hold the "
                                  f"template positions) and divisible by heads={heads}; {w} is not")
         if not cue_channels:
             raise ValueError("cue_channels: give the channels of F3, F2, F1 (e.g. (1024, 512, 256) for resnet50)")

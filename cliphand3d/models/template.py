@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ConfigError
 from ..geometry import rigid_rotations
 from ..skeleton import NUM_JOINTS, REF_BONE, ROOT, bone_length
 
@@ -202,12 +203,12 @@ def build_template(verts, joints, *, levels=(98, 195, 389), ridge: float = 1e-3,
     m, n = verts.shape[:2]
     sizes = [int(s) for s in levels]
     if any(b <= a for a, b in zip(sizes, sizes[1:])) or (sizes and (sizes[0] < 1 or sizes[-1] >= n)):
-        raise ValueError(f"levels={tuple(sizes)}: coarse level sizes must be strictly increasing, >= 1 and "
+        raise ConfigError(f"levels={tuple(sizes)}: coarse level sizes must be strictly increasing, >= 1 and "
                          f"< N = {n} (the full level of all N vertices is appended automatically)")
     if k_nearest < 1:
-        raise ValueError(f"k_nearest={k_nearest}: must be >= 1")
+        raise ConfigError(f"k_nearest={k_nearest}: must be >= 1")
     if ridge < 0:
-        raise ValueError(f"ridge={ridge}: must be >= 0")
+        raise ConfigError(f"ridge={ridge}: must be >= 0")
 
     joints_n = _normalise(joints, joints)
     rots = _align(joints_n, align_iters)

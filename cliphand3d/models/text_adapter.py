@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from .blocks import ClipResidualBlock
 
 KINDS = ("mlp", "batch_attention")
@@ -48,7 +49,7 @@ class BatchAttention(nn.Module):
         super().__init__()
         if block == "clip":
             if hidden % dim:
-                raise ValueError(f"text.adapters.block=clip: hidden={hidden} must be a multiple of {dim}")
+                raise ConfigError(f"text.adapters.block=clip: hidden={hidden} must be a multiple of {dim}")
             self.resblocks = nn.Sequential(*[ClipResidualBlock(dim, heads, hidden // dim) for _ in range(layers)])
             return
         layer = nn.TransformerEncoderLayer(
@@ -88,16 +89,16 @@ class AxisAdapters(nn.Module):
         super().__init__()
         axes = (axes,) if isinstance(axes, str) else tuple(str(a) for a in axes)
         if not axes or len(set(axes)) != len(axes):
-            raise ValueError(f"text adapter axes must be distinct axis names, got {list(axes)}")
+            raise ConfigError(f"text adapter axes must be distinct axis names, got {list(axes)}")
         if kind not in KINDS:
-            raise ValueError(f"text adapter kind={kind!r} is unknown; use one of {list(KINDS)}")
+            raise ConfigError(f"text.adapters.kind={kind!r} is unknown; use one of {list(KINDS)}")
         if block not in BLOCKS:
-            raise ValueError(f"text.adapters.block={block!r} is unknown; use one of {list(BLOCKS)}")
+            raise ConfigError(f"text.adapters.block={block!r} is unknown; use one of {list(BLOCKS)}")
         if embed_dim < 1 or layers < 1:
-            raise ValueError(f"text adapter needs embed_dim >= 1 and layers >= 1, got {embed_dim}, {layers}")
+            raise ConfigError(f"text.adapters needs embed_dim >= 1 and layers >= 1, got {embed_dim}, {layers}")
         if kind == "batch_attention" and embed_dim % heads != 0:
-            raise ValueError(
-                f"text adapter kind=batch_attention: heads={heads} must divide embed_dim={embed_dim}"
+            raise ConfigError(
+                f"text.adapters.kind=batch_attention: heads={heads} must divide embed_dim={embed_dim} (text.adapters.heads)"
             )
         self.axes = axes
         self.kind = kind

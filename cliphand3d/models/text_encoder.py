@@ -30,6 +30,7 @@ from urllib.parse import urlparse
 import torch
 import torch.nn as nn
 
+from ..errors import ConfigError
 from .tokens import CachedTokenizer
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -52,7 +53,7 @@ def _model_config(model_name: str) -> dict:
 
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
-        raise ValueError(
+        raise ConfigError(
             f"text.model_name={model_name!r} is not an open_clip model config; known e.g. ViT-B-32, "
             f"ViT-B-16, ViT-L-14 (open_clip.list_models())"
         )
@@ -67,18 +68,18 @@ def _text_cfg(model_name: str, tower: Mapping | None) -> tuple[dict, int, bool]:
     overrides = dict(tower or {})
     unknown = sorted(set(overrides) - set(TOWER_KEYS))
     if unknown:
-        raise ValueError(f"text.tower has unknown keys {unknown}; allowed: {list(TOWER_KEYS)}")
+        raise ConfigError(f"text.tower has unknown keys {unknown}; allowed: {list(TOWER_KEYS)}")
     if "embed_dim" in overrides:
         embed_dim = int(overrides.pop("embed_dim"))
     text_cfg.update(overrides)
     if text_cfg.get("hf_model_name"):
-        raise ValueError(
+        raise ConfigError(
             f"text.model_name={model_name!r} has a Hugging Face text tower; TextEncoder supports the "
             f"CLIP-style causal text towers (e.g. ViT-B-32)"
         )
     width, heads = int(text_cfg.get("width", 512)), int(text_cfg.get("heads", 8))
     if width % heads != 0:
-        raise ValueError(f"text.tower: heads={heads} must divide width={width}")
+        raise ConfigError(f"text.tower: heads={heads} must divide width={width}")
     return text_cfg, embed_dim, bool(cfg.get("quick_gelu", False))
 
 
@@ -96,7 +97,7 @@ def build_text_tower(text_cfg: dict, embed_dim: int, quick_gelu: bool, seed: int
         tower = _build_text_tower(embed_dim, text_cfg, quick_gelu=quick_gelu)
     if getattr(tower, "attn_mask", None) is None or getattr(tower, "cls_emb", None) is not None \
             or tower.pool_type not in ("argmax", "eos"):
-        raise ValueError(
+        raise ConfigError(
             "TextEncoder needs a causal text tower pooled at the EOT token (open_clip pool_type "
             f"'argmax' or 'eos', no class token); got pool_type={tower.pool_type!r}"
         )
@@ -310,12 +311,12 @@ class TextEncoder(nn.Module):
         import open_clip
 
         if precision not in PRECISIONS:
-            raise ValueError(f"text.precision={precision!r} is unknown; use one of {list(PRECISIONS)}")
+            raise ConfigError(f"text.precision={precision!r} is unknown; use one of {list(PRECISIONS)}")
         if cache_size < 0:
-            raise ValueError(f"text.cache_size must be >= 0 (0 disables the cache), got {cache_size}")
+            raise ConfigError(f"text.cache_size must be >= 0 (0 disables the cache), got {cache_size}")
         text_cfg, built_dim, model_quick_gelu = _text_cfg(model_name, tower)
         if embed_dim is not None and int(embed_dim) != built_dim:
-            raise ValueError(
+            raise ConfigError(
                 f"text.embed_dim={embed_dim} but text.model_name={model_name!r} with text.tower gives "
                 f"{built_dim}; set text.tower.embed_dim or fix text.embed_dim"
             )

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import ConfigError
+
 
 class TrainingModule(nn.Module):
     def __init__(self, model: nn.Module, criterion: nn.Module, text_encoder: nn.Module | None = None,
@@ -16,7 +18,7 @@ class TrainingModule(nn.Module):
         self.criterion = criterion
         use_text = getattr(criterion, "uses_text", False)
         if use_text and (text_encoder is None or adapters is None):
-            raise ValueError("the contrastive loss is on but no text encoder/adapters were given; "
+            raise ConfigError("the contrastive loss is on but no text encoder/adapters were given; "
                              "set text=... or turn the term off with loss.weights.clip=0")
         self.text_encoder = text_encoder if use_text else None
         self.adapters = adapters if use_text else None
@@ -62,7 +64,7 @@ class TrainingModule(nn.Module):
             prompts = batch["prompts"]
             missing = [a for a in outputs["pose_feats"] if a not in prompts]
             if missing:
-                raise ValueError(f"no prompts for axes {missing}: the prompt config's axes must include the "
+                raise ConfigError(f"no prompts for axes {missing}: the prompt config's axes must include the "
                                  "model's axes (prompt.axes / model.axes)")
             # one pass over all axes, so identical sentences are encoded once across axes too
             raw = self.text_encoder.encode_axes({a: list(prompts[a]) for a in outputs["pose_feats"]})
