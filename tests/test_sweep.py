@@ -142,7 +142,7 @@ def test_final_eval_scores_best_pt_on_test_exactly_as_eval_py(tmp_path):
 @pytest.mark.skipif(not has_submitit(), reason="hydra-submitit-launcher is not installed (pip install -e '.[sweep]')")
 def test_submitit_local_multirun_then_summary_over_seeds(tmp_path):
     sweep = tmp_path / "sweep"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "-m", "+experiment=ablation",
            "hydra/launcher=ablation_local", "variant=clip_demo", "seed=0,1", *TINY, f"hydra.sweep.dir={sweep}"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
