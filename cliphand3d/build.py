@@ -15,6 +15,21 @@ from .models.template import MeshTemplate, load_or_build_template
 
 log = logging.getLogger(__name__)
 
+# The repository's Hydra configs (scripts/*.py read them as ../configs).
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def compose_config(name: str, overrides=()) -> DictConfig:
+    """configs/<name>.yaml composed with `overrides`, inside a running Hydra app (its config search path)
+    or outside one (tests, notebooks: CONFIGS)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name=name, overrides=list(overrides))
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
 
 def build_prompts(cfg: DictConfig):
     return instantiate(cfg.prompt) if cfg.get("prompt") is not None else None

@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import metrics
-from .build import build_datasets, build_prompts, check_split, load_model
+from .build import build_datasets, build_prompts, check_split, compose_config, load_model
 from .data.base import DatasetError
 from .engine import PLACEMENTS, predict
 from .errors import ConfigError
@@ -210,6 +210,16 @@ def run_eval(cfg: DictConfig) -> dict:
     print((out_dir / "table.md").read_text())
     print(f"written to {out_dir}")
     return result
+
+
+def evaluate_run(run_dir: str | Path, split: str, *, device: str = "auto", num_workers: int = 2) -> dict:
+    """trainer.final_eval: the run's best.pt (chosen on val) scored on `split` exactly as
+    `scripts/eval.py ckpt=<run_dir>/checkpoints/best.pt split=<split>` does, eval.yaml's other settings
+    included; writes <run_dir>/eval_best/ (metrics.json, table, pictures) and returns the metrics."""
+    cfg = compose_config("eval")
+    cfg.ckpt = str(Path(run_dir) / "checkpoints" / "best.pt")  # set, not an override: any path is literal
+    cfg.split, cfg.device, cfg.num_workers = check_split(split), device, int(num_workers)
+    return run_eval(cfg)
 
 
 def _eval_dataset(run: DictConfig, split: str, require_gt: bool, prompts):

@@ -16,7 +16,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from . import metrics
-from .build import text_branch_on
+from .build import DATA_SPLITS, text_branch_on
 from .errors import ConfigError  # noqa: F401 - its home is errors.py; callers import it from here too
 from .skeleton import NUM_JOINTS
 
@@ -92,10 +92,18 @@ def _nonfinite_problem(cfg: DictConfig) -> str | None:
             "in a row before the run stops; 1 = stop at the first)")
 
 
+def _final_eval_problem(cfg: DictConfig) -> str | None:
+    split = cfg.trainer.get("final_eval")
+    if split is None or split is False or split in DATA_SPLITS:
+        return None
+    return (f"trainer.final_eval={split!r} is not a data split; use trainer.final_eval=test (score best.pt on the "
+            "test split after training, as eval.py does) or null (no evaluation)")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise one ConfigError listing every problem found, each naming its key, value and fix."""
-    problems = [p for check in (_monitor_problem, _img_size_problem, _context_problem, _nonfinite_problem)
-                if (p := check(cfg)) is not None]
+    checks = (_monitor_problem, _img_size_problem, _context_problem, _nonfinite_problem, _final_eval_problem)
+    problems = [p for check in checks if (p := check(cfg)) is not None]
     if problems:
         raise ConfigError("the config cannot train:\n  " + "\n  ".join(problems))
 

@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from .build import CONFIGS
 from .checkpoint import _REFUSAL_MARKS, CheckpointError, config_to_container, save_checkpoint
 from .skeleton import MANO_TO_MPII, NUM_JOINTS, REF_BONE
 
 log = logging.getLogger(__name__)
 
 RELEASED_FILE = "CLIP_Hand_3D_PE_0604_44.pth.tar"
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # The released preset as a training config: our FreiHAND data, the released network, the demo's text
 # encoder (OpenAI CLIP ViT-B/32) with its per-axis heads (CLIP blocks over the batch, 16 heads, MLP 4x)
 # and its initial logit scale log(100).

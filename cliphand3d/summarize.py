@@ -1,6 +1,7 @@
 """One table over many runs: every metrics.json under a folder, with the Hydra overrides of its run.
 
-`python scripts/summarize.py multirun/2026-11-24/10-00-00 [--csv out.csv] [--md out.md]`.
+`python scripts/summarize.py multirun/2026-11-24/10-00-00 [--csv out.csv] [--md out.md]`; with
+`--over seed`, runs that differ only in their seed become one row (mean [min, max], n).
 Deliberately free of torch so it starts at once.
 """
 from __future__ import annotations
@@ -160,17 +161,108 @@ def format_table(rows: Sequence[Mapping[str, Any]], fmt: str = "md",
         writer.writerow(header)
         writer.writerows(body)
         return buf.getvalue()
+    return _markdown(header, body, first_numeric=2)
+
+
+def _markdown(header: Sequence[str], body: Sequence[Sequence[str]], first_numeric: int) -> str:
+    """Padded Markdown table; columns from `first_numeric` on are right-aligned."""
     body = [[c.replace("|", "\\|") for c in line] for line in body]
     widths = [max(3, len(h), *(len(line[i]) for line in body)) for i, h in enumerate(header)]
 
     def line(cells: Sequence[str], numeric: bool) -> str:
-        padded = [c.rjust(w) if numeric and i >= 2 else c.ljust(w)
+        padded = [c.rjust(w) if numeric and i >= first_numeric else c.ljust(w)
                   for i, (c, w) in enumerate(zip(cells, widths))]
         return "| " + " | ".join(padded) + " |"
 
-    rule = "| " + " | ".join("-" * w if i < 2 else "-" * (w - 1) + ":"
+    rule = "| " + " | ".join("-" * w if i < first_numeric else "-" * (w - 1) + ":"
                              for i, w in enumerate(widths)) + " |"
     return "\n".join([line(header, False), rule, *(line(b, True) for b in body)]) + "\n"
+
+
+# --------------------------------------------------------------------------- grouping over seeds
+def override_key(override: str) -> str:
+    """'+seed=1' -> 'seed': the key an override sets, without Hydra's +, ++ or ~ prefix."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def group_runs(rows: Sequence[Mapping[str, Any]], over: str = "seed") -> list[dict[str, Any]]:
+    """Rows of `collect_runs` that differ only in the `over` override -> one group each, in first-seen order.
+
+    Rows also stay apart when their metrics come from different evaluations of the runs (the folder under
+    the run, e.g. eval_best vs eval_last, or the `split` they report). Each group: {"label": the overrides
+    that tell it from the other groups (all of them when there is one group), "overrides", "values": the
+    `over` values of its runs, "n": runs, "rows"}.
+    """
+    groups: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        rest = [o for o in r["overrides"] if override_key(o) != over]
+        values = [o.split("=", 1)[1] for o in r["overrides"] if override_key(o) == over and "=" in o]
+        where = _eval_folder(r)
+        key = (tuple(sorted(rest)), where, str(r["metrics"].get("split", "")))
+        g = groups.setdefault(key, {"overrides": rest, "where": where, "split": key[2], "values": [], "rows": []})
+        g["values"] += values
+        g["rows"].append(r)
+    out = list(groups.values())
+    common = set.intersection(*(set(g["overrides"]) for g in out)) if len(out) > 1 else set()
+    vary = len({(g["where"], g["split"]) for g in out}) > 1
+    for g in out:
+        label = " ".join(o for o in g["overrides"] if o not in common) or "(no overrides)"
+        if vary:
+            label += f" ({g['where'] or '.'}, {g['split'] or 'no split'})"
+        g.update(label=label, n=len(g["rows"]))
+    return out
+
+
+def _eval_folder(row: Mapping[str, Any]) -> str:
+    # metrics.json's folder below its run folder ('' when it is the run folder)
+    if row["run_dir"] is None or row["run_dir"] == row["path"]:
+        return ""
+    prefix = "" if row["run_dir"] == "." else row["run_dir"] + "/"
+    return row["path"][len(prefix):]
+
+
+def spread(values: Sequence[Any]) -> tuple[float, float, float] | None:
+    """(mean, min, max) of the numeric values; None without any; all NaN if one of them is not finite
+    (a run that diverged must not vanish into the mean of the others)."""
+    nums = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if not nums:
+        return None
+    if not all(math.isfinite(v) for v in nums):
+        return (math.nan,) * 3
+    return sum(nums) / len(nums), min(nums), max(nums)
+
+
+def group_columns(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Default columns of the grouped table: the headline figures and retrieval accuracies found."""
+    return [c for c in metric_columns(rows) if c in METRIC_ORDER or c.startswith("retrieval")]
+
+
+def format_groups(groups: Sequence[Mapping[str, Any]], over: str = "seed", fmt: str = "md",
+                  metrics: Sequence[str] | None = None) -> str:
+    """Groups of `group_runs` -> Markdown (cells 'mean [min, max]', rounded as `format_value`) or CSV
+    (<metric>_mean, _min, _max at full precision). Columns: variant, n, the `over` values, `metrics`."""
+    if fmt not in ("md", "csv"):
+        raise ValueError(f"fmt={fmt!r}: choose 'md' or 'csv'")
+    cols = list(metrics) if metrics is not None else group_columns([r for g in groups for r in g["rows"]])
+    stats = [{c: spread([r["metrics"].get(c) for r in g["rows"]]) for c in cols} for g in groups]
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["variant", "n", over, *(f"{c}_{s}" for c in cols for s in ("mean", "min", "max"))])
+        for g, st in zip(groups, stats):
+            writer.writerow([g["label"], g["n"], " ".join(g["values"]),
+                             *(_raw(c, v) for c in cols for v in (st[c] or (None,) * 3))])
+        return buf.getvalue()
+    body = [[g["label"], str(g["n"]), " ".join(g["values"]), *(_spread_cell(c, st[c], g["n"]) for c in cols)]
+            for g, st in zip(groups, stats)]
+    return _markdown(["variant", "n", over, *cols], body, first_numeric=1)
+
+
+def _spread_cell(key: str, st: tuple[float, float, float] | None, n: int) -> str:
+    if st is None:
+        return ""
+    mean, lo, hi = (format_value(key, v) for v in st)
+    return mean if n == 1 else f"{mean} [{lo}, {hi}]"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -180,7 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("folder", type=Path, help="a Hydra multirun folder or any run folder")
     parser.add_argument("--csv", type=Path, help="also write the table as CSV (full precision)")
     parser.add_argument("--md", type=Path, help="also write the Markdown table to this file")
-    parser.add_argument("--metrics", help="comma-separated metric columns (default: all found)")
+    parser.add_argument("--metrics", help="comma-separated metric columns (default: all found; with --over, "
+                                          "the headline figures and retrieval)")
+    parser.add_argument("--over", metavar="KEY", help="one row per group of runs that differ only in this "
+                                                      "override (e.g. seed): mean [min, max] and n")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
 
@@ -195,12 +290,20 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
-    table = format_table(rows, "md", metrics)
+    if args.over:
+        groups = group_runs(rows, args.over)
+
+        def render(fmt: str) -> str:
+            return format_groups(groups, args.over, fmt, metrics)
+    else:
+        def render(fmt: str) -> str:
+            return format_table(rows, fmt, metrics)
+    table = render("md")
     print(table, end="")
     if args.md:
         args.md.parent.mkdir(parents=True, exist_ok=True)
         args.md.write_text(table)
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
-        args.csv.write_text(format_table(rows, "csv", metrics), newline="")
+        args.csv.write_text(render("csv"), newline="")
     return 0

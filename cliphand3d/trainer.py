@@ -237,6 +237,7 @@ RESUME_MAY_CHANGE = (
     "trainer.num_workers", "trainer.val_batch_size", "trainer.val_every_steps", "trainer.val_every_epochs",
     "trainer.ckpt_every_steps", "trainer.save_init", "trainer.record_samples",
     "trainer.max_nonfinite_steps",                    # only decides when a failing run stops
+    "trainer.final_eval",                             # scores best.pt after training, trains nothing
     "data.skip_bad", "data.train.skip_bad",           # only decides whether an unreadable file stops the run
 )
 
@@ -273,14 +274,22 @@ def check_resumable(saved: dict, cfg: DictConfig, path: Path, *, world_size: int
 
 # --------------------------------------------------------------------------- the run
 def train(cfg: DictConfig) -> dict:
-    """Train as configured; returns the last validation metrics (and writes them to the run dir)."""
+    """Train as configured; returns the last validation metrics (and writes them to the run dir). With
+    trainer.final_eval=<split>, best.pt is then scored on that split as eval.py does (<run_dir>/eval_best/)."""
     check_config(cfg)  # before any data, model or process group is built
     check_writable(Path(cfg.run_dir) / "checkpoints", "run_dir")
     rank, world, local_rank = dist.init_distributed(cfg.trainer.get("dist_backend"))
     try:
-        return _train(cfg, rank, world, local_rank)
+        last = _train(cfg, rank, world, local_rank)
     finally:
         dist.cleanup()
+    split = cfg.trainer.get("final_eval")
+    if split and rank == 0:  # after the process group is gone: the other ranks need not wait for it
+        from .evaluate import evaluate_run  # evaluate imports this module
+
+        evaluate_run(cfg.run_dir, str(split), device=str(cfg.trainer.device),
+                     num_workers=int(cfg.trainer.num_workers))
+    return last
 
 
 def _train(cfg: DictConfig, rank: int, world: int, local_rank: int) -> dict:

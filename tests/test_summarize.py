@@ -105,3 +105,69 @@ def test_empty_folder_is_a_clear_error_with_exit_code_1(tmp_path):
     assert proc.returncode == 1
     assert "no metrics.json under" in proc.stderr and proc.stdout == ""
     assert main([str(tmp_path / "absent")]) == 1
+
+
+@pytest.fixture()
+def ablation(tmp_path):
+    """4 runs of 2 variants x 2 seeds (+ a diverged third seed), metrics in eval_best/ as final_eval writes."""
+    root = tmp_path / "ablation"
+    root.mkdir()
+    figures = {("pose_only", 0): (20.0, 0.50, None), ("pose_only", 1): (22.0, 0.46, None),
+               ("clip_demo", 0): (18.0, 0.60, 0.25), ("clip_demo", 1): (19.0, 0.58, 0.35)}
+    for (variant, seed), (pa, auc, ret) in figures.items():
+        m = {"pa_mpjpe_mm": pa, "auc_pa_0_50": auc, "split": "test", "num_samples": 1000}
+        if ret is not None:
+            m["retrieval_x_64"] = ret
+        _job(root, f"{variant}/seed{seed}", ["+experiment=ablation", f"variant={variant}", f"seed={seed}"], m,
+             where="eval_best")
+    return root
+
+
+def test_group_runs_one_row_per_variant_with_mean_min_max_and_n(ablation):
+    from cliphand3d.summarize import format_groups, group_runs
+
+    groups = group_runs(collect_runs(ablation), over="seed")
+    assert [(g["label"], g["n"], g["values"]) for g in groups] == [
+        ("variant=clip_demo", 2, ["0", "1"]), ("variant=pose_only", 2, ["0", "1"])]  # the shared override dropped
+    back = list(csv.DictReader(io.StringIO(format_groups(groups, "seed", "csv",
+                                                         ["pa_mpjpe_mm", "retrieval_x_64"]))))
+    assert [(r["variant"], r["n"], r["seed"]) for r in back] == [("variant=clip_demo", "2", "0 1"),
+                                                                 ("variant=pose_only", "2", "0 1")]
+    assert [float(back[0][f"pa_mpjpe_mm_{s}"]) for s in ("mean", "min", "max")] == [18.5, 18.0, 19.0]
+    assert [float(back[1][f"pa_mpjpe_mm_{s}"]) for s in ("mean", "min", "max")] == [21.0, 20.0, 22.0]
+    assert float(back[0]["retrieval_x_64_mean"]) == pytest.approx(0.30) and back[1]["retrieval_x_64_mean"] == ""
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in format_groups(groups).splitlines()]
+    assert cells[0] == ["variant", "n", "seed", "pa_mpjpe_mm", "auc_pa_0_50", "retrieval_x_64"]  # default columns
+    assert cells[2] == ["variant=clip_demo", "2", "0 1", "18.50 [18.00, 19.00]", "0.590 [0.580, 0.600]",
+                        "0.300 [0.250, 0.350]"]
+    assert cells[3][3:] == ["21.00 [20.00, 22.00]", "0.480 [0.460, 0.500]", ""]
+
+
+def test_group_runs_keeps_a_diverged_seed_visible_and_separates_evaluations(ablation):
+    from cliphand3d.summarize import format_groups, group_runs
+
+    _job(ablation, "pose_only/seed2", ["+experiment=ablation", "variant=pose_only", "seed=2"],
+         {"pa_mpjpe_mm": float("nan"), "auc_pa_0_50": 0.1, "split": "test"}, where="eval_best")
+    # the same run scored again elsewhere (eval.py split=val out_dir=...): not averaged with the test rows
+    (ablation / "clip_demo" / "seed0" / "eval_val").mkdir()
+    (ablation / "clip_demo" / "seed0" / "eval_val" / "metrics.json").write_text(
+        json.dumps({"pa_mpjpe_mm": 1.0, "split": "val"}))
+    groups = group_runs(collect_runs(ablation), over="seed")
+    labels = {g["label"]: g for g in groups}
+    assert set(labels) == {"variant=clip_demo (eval_best, test)", "variant=clip_demo (eval_val, val)",
+                           "variant=pose_only (eval_best, test)"}
+    assert labels["variant=pose_only (eval_best, test)"]["n"] == 3
+    back = {r["variant"]: r for r in csv.DictReader(io.StringIO(format_groups(groups, "seed", "csv")))}
+    assert back["variant=pose_only (eval_best, test)"]["pa_mpjpe_mm_mean"] == "nan"  # not the mean of the other two
+    assert float(back["variant=pose_only (eval_best, test)"]["auc_pa_0_50_mean"]) == pytest.approx((0.50 + 0.46 + 0.1) / 3)
+    assert float(back["variant=clip_demo (eval_best, test)"]["pa_mpjpe_mm_mean"]) == 18.5
+
+
+def test_main_over_seed_writes_the_grouped_tables(ablation, tmp_path, capsys):
+    out_md, out_csv = tmp_path / "g.md", tmp_path / "g.csv"
+    assert main([str(ablation), "--over", "seed", "--md", str(out_md), "--csv", str(out_csv),
+                 "--metrics", "pa_mpjpe_mm"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == out_md.read_text() and printed.startswith("| variant") and "21.00 [20.00, 22.00]" in printed
+    assert next(csv.reader(out_csv.open(newline=""))) == ["variant", "n", "seed", "pa_mpjpe_mm_mean",
+                                                          "pa_mpjpe_mm_min", "pa_mpjpe_mm_max"]

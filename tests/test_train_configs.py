@@ -58,7 +58,8 @@ def test_every_experiment_trains_a_few_steps(name, tmp_path, freihand_root, rhd_
     elif name == "rhd":
         extra = [f"data.root={rhd_root}"]
     else:
-        extra = ["data.num_train=8", "data.num_val=8", "data.num_verts=200", "model_template.build.levels=[40,80,120]"]
+        extra = ["data.num_train=8", "data.num_val=8", "data.num_test=8", "data.num_verts=200",
+                 "model_template.build.levels=[40,80,120]"]  # num_test: experiment=ablation scores test
     cfg = compose_train([f"+experiment={name}", f"run_dir={tmp_path}", "text.pretrained=null", *TINY, *extra])
     metrics = train(cfg)
     assert (tmp_path / "checkpoints" / "last.pt").is_file() and (tmp_path / "checkpoints" / "best.pt").is_file()
