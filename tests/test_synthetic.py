@@ -264,3 +264,17 @@ def test_unknown_view_is_refused_with_the_choices():
         SyntheticHands(length=2, view="sideways")
     ds = SyntheticHands(length=2, seed=3, view="upright", img_size=64)
     np.testing.assert_array_equal(ds.hand(1).rotation, sample_hand(3, 1, view="upright").rotation)
+
+
+def test_box_from_mask_equals_the_box_around_every_pixel():
+    from cliphand3d.data.transforms import box_from_mask
+    from cliphand3d.geometry import square_box
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        mask = np.zeros((int(rng.integers(5, 60)), int(rng.integers(5, 60))), np.uint8)
+        n = int(rng.integers(1, 20))
+        mask[rng.integers(0, mask.shape[0], n), rng.integers(0, mask.shape[1], n)] = 1
+        ys, xs = np.nonzero(mask)
+        assert box_from_mask(mask) == square_box(np.stack([xs, ys], 1), scale=1.0)
+    with pytest.raises(ValueError, match="no points"):
+        box_from_mask(np.zeros((4, 4), np.uint8))
