@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -105,20 +104,13 @@ def template_from_state(state: dict) -> MeshTemplate:
     return MeshTemplate.from_dict({k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in state.items()})
 
 
-def single_threaded_worker(worker_id: int) -> None:
-    """Loader workers share the cores with the training threads: PyTorch already gives each worker one
-    thread; OpenCV's own pool (one thread per core) would oversubscribe them too."""
-    cv2.setNumThreads(1)
-
-
 def make_loader(dataset, *, batch_size: int, num_workers: int, sampler=None, shuffle=False, drop_last=False,
                 device: torch.device):
     # Its own generator: creating a loader iterator would otherwise draw from the global torch RNG, and a
     # resumed run (which creates one mid-epoch) would drift from an uninterrupted one.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle if sampler is None else False,
                       num_workers=num_workers, drop_last=drop_last, pin_memory=device.type == "cuda",
-                      persistent_workers=False, generator=torch.Generator().manual_seed(0),
-                      worker_init_fn=single_threaded_worker if num_workers > 0 else None)
+                      persistent_workers=False, generator=torch.Generator().manual_seed(0))
 
 
 def validate(model, loader, device, protocol: str, text_branch=None) -> tuple[dict, dict]:

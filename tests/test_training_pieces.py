@@ -2,7 +2,6 @@
 import math
 
 import pytest
-import torch
 
 from cliphand3d.cli import _user_error
 from cliphand3d.data.base import DatasetError
@@ -158,23 +157,3 @@ def test_validation_draws_from_no_training_rng():
     assert np.isfinite(res["pa_mpjpe_mm"])
     after = (random.getstate(), np.random.get_state()[1], torch.get_rng_state())
     assert before[0] == after[0] and np.array_equal(before[1], after[1]) and torch.equal(before[2], after[2])
-
-
-class _ThreadsSeen(torch.utils.data.Dataset):
-    """Reports the thread pools a loader worker would run with."""
-
-    def __len__(self):
-        return 2
-
-    def __getitem__(self, i):
-        import cv2
-        return torch.tensor([cv2.getNumThreads(), torch.get_num_threads()])
-
-
-def test_loader_workers_run_single_threaded():
-    import cv2
-    from cliphand3d.trainer import make_loader
-    if cv2.getNumThreads() < 2:
-        pytest.skip("OpenCV already runs single-threaded here, so the worker setting cannot be observed")
-    loader = make_loader(_ThreadsSeen(), batch_size=1, num_workers=1, device=torch.device("cpu"))
-    assert [b.tolist() for b in loader] == [[[1, 1]], [[1, 1]]]
