@@ -80,7 +80,8 @@ def time_steps(cfg, steps: int, warmup: int) -> list[float]:
                                batch_size=bs, drop_last=True)
     sampler.set_epoch(0, 0)
     loader = make_loader(train_set, batch_size=bs, sampler=sampler, drop_last=True,
-                         num_workers=int(t.num_workers), device=torch.device("cpu"))
+                         num_workers=int(t.num_workers), device=torch.device("cpu"),
+                         worker_nice=int(t.get("worker_nice", 0)))
     stamps: list[float] = []
     state = engine.TrainState()
     kwargs = dict(device=torch.device("cpu"), total_steps=warmup + steps, amp=t.amp, scaler=None,

@@ -5,9 +5,11 @@ schedule, periodic and best checkpoints, `resume=auto`, TensorBoard.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -104,13 +106,23 @@ def template_from_state(state: dict) -> MeshTemplate:
     return MeshTemplate.from_dict({k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in state.items()})
 
 
+def lower_worker_priority(nice: int, worker_id: int) -> None:
+    os.nice(nice)
+
+
 def make_loader(dataset, *, batch_size: int, num_workers: int, sampler=None, shuffle=False, drop_last=False,
-                device: torch.device):
+                device: torch.device, worker_nice: int = 0):
+    """worker_nice > 0 runs the workers at that lower priority: on a machine with as many training threads
+    as cores they then fill the cores' idle moments instead of preempting a training thread, which stalls
+    its partner at the next synchronisation (see trainer/cpu.yaml)."""
+    if worker_nice < 0:
+        raise ConfigError(f"trainer.worker_nice={worker_nice} must be >= 0 (0: the workers' priority is not changed)")
+    init = functools.partial(lower_worker_priority, int(worker_nice)) if num_workers > 0 and worker_nice > 0 else None
     # Its own generator: creating a loader iterator would otherwise draw from the global torch RNG, and a
     # resumed run (which creates one mid-epoch) would drift from an uninterrupted one.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle if sampler is None else False,
                       num_workers=num_workers, drop_last=drop_last, pin_memory=device.type == "cuda",
-                      persistent_workers=False, generator=torch.Generator().manual_seed(0))
+                      persistent_workers=False, generator=torch.Generator().manual_seed(0), worker_init_fn=init)
 
 
 def validate(model, loader, device, protocol: str, text_branch=None) -> tuple[dict, dict]:
@@ -226,7 +238,7 @@ RESUME_MAY_CHANGE = (
     "name", "run_dir", "resume",                      # where the run lives, how it was started
     "logger",                                         # TensorBoard, log frequency
     "trainer.device", "trainer.dist_backend",         # another machine (float results may differ slightly)
-    "trainer.num_workers", "trainer.val_batch_size", "trainer.val_every_steps", "trainer.val_every_epochs",
+    "trainer.num_workers", "trainer.worker_nice", "trainer.val_batch_size", "trainer.val_every_steps", "trainer.val_every_epochs",
     "trainer.ckpt_every_steps", "trainer.save_init", "trainer.record_samples",
     "trainer.max_nonfinite_steps",                    # only decides when a failing run stops
     "trainer.final_eval",                             # scores best.pt after training, trains nothing
@@ -480,7 +492,8 @@ class Run:
             self.sampler.set_epoch(st.epoch, st.batch_in_epoch)
             self.train_set.set_epoch(st.epoch)
             loader = make_loader(self.train_set, batch_size=self.bs, sampler=self.sampler, drop_last=True,
-                                 num_workers=int(tcfg.num_workers), device=self.device)
+                                 num_workers=int(tcfg.num_workers), device=self.device,
+                                 worker_nice=int(tcfg.get("worker_nice", 0)))
             loader = self.skips.wrap(loader)
             if self.recorder is not None:
                 loader = self.recorder.wrap(loader)

@@ -412,6 +412,13 @@ def _(ctx):
             printed(lambda: module({"image": torch.zeros(1), "prompts": {"x": ["a"]}}))]
 
 
+@faq("worker-nice")
+def _(ctx):
+    from cliphand3d.trainer import make_loader
+
+    return printed(lambda: make_loader([0], batch_size=1, num_workers=1, device=torch.device("cpu"), worker_nice=-5))
+
+
 @faq("ema-decay")
 def _(ctx):
     from cliphand3d.ema import ModelEMA

@@ -2,6 +2,7 @@
 import math
 
 import pytest
+import torch
 
 from cliphand3d.cli import _user_error
 from cliphand3d.data.base import DatasetError
@@ -157,3 +158,21 @@ def test_validation_draws_from_no_training_rng():
     assert np.isfinite(res["pa_mpjpe_mm"])
     after = (random.getstate(), np.random.get_state()[1], torch.get_rng_state())
     assert before[0] == after[0] and np.array_equal(before[1], after[1]) and torch.equal(before[2], after[2])
+
+
+class _NicenessSeen(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        import os
+        return os.nice(0)
+
+
+@pytest.mark.parametrize("nice", [0, 7])
+def test_loader_workers_run_at_the_configured_lower_priority(nice):
+    import os
+
+    from cliphand3d.trainer import make_loader
+    loader = make_loader(_NicenessSeen(), batch_size=1, num_workers=1, device=torch.device("cpu"), worker_nice=nice)
+    assert [int(b) for b in loader] == [os.nice(0) + nice] * 2
