@@ -218,7 +218,7 @@ def build_run(cfg: DictConfig):
     module = TrainingModule(model, criterion, encoder, adapters)
     o = cfg.optim
     optimizer = build_optimizer(module, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas,
-                                backbone_lr_mult=o.backbone_lr_mult)
+                                backbone_lr_mult=o.backbone_lr_mult, fused=o.get("fused", False))
     return train_set, module, optimizer
 
 
@@ -298,14 +298,20 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 
 @contextmanager
-def num_threads(n: int | None):
-    old = torch.get_num_threads()
+def num_threads(n: int | None, opencv: bool = False):
+    """torch (and with `opencv`, OpenCV) on `n` threads for the block; None leaves them as they are."""
+    import cv2
+
+    old, old_cv = torch.get_num_threads(), cv2.getNumThreads()
     if n:
         torch.set_num_threads(int(n))
+        if opencv:
+            cv2.setNumThreads(int(n))
     try:
         yield
     finally:
         torch.set_num_threads(old)
+        cv2.setNumThreads(old_cv)
 
 
 # =========================================================================== 1. inference
@@ -337,6 +343,7 @@ def onnx_runner(model, label: str, size: int, device: torch.device, out: Path, w
     try:
         from .export import OnnxModel, export_onnx
 
+        (out / "onnx").mkdir(parents=True, exist_ok=True)
         path = export_onnx(model, out / "onnx" / f"{label.replace('@', '_')}.onnx", img_size=size)
         return OnnxModel(path, threads=torch.get_num_threads())
     except ImportError:
@@ -568,8 +575,8 @@ def loader_dataset(cfg: DictConfig, fmt: str, overrides, tmp: Path):
 
 
 def loader_pair(dataset, files: list[str], items: int, rounds: int, warmup: int) -> dict:
-    """Seconds per round of `items` dataset items (one process, one torch thread: a DataLoader worker)
-    and of cv2.imread of the same files; rounds alternate."""
+    """Seconds per round of `items` dataset items (one process, one torch and one OpenCV thread, as in a
+    DataLoader worker: trainer.single_threaded_worker) and of cv2.imread of the same files; rounds alternate."""
     import cv2
 
     idx = [i % len(dataset) for i in range(items)]
@@ -581,7 +588,7 @@ def loader_pair(dataset, files: list[str], items: int, rounds: int, warmup: int)
     fns = {"item": load}
     if files:
         fns["decode"] = lambda: [cv2.imread(files[i], cv2.IMREAD_COLOR) for i in idx]
-    with num_threads(1):
+    with num_threads(1, opencv=True):
         samples = interleave({k: timed(f, torch.device("cpu")) for k, f in fns.items()}, rounds=rounds,
                              warmup=warmup)
     return {**samples, "n": items}
@@ -687,48 +694,43 @@ def step_memory_task(spec: dict) -> dict:
 # =========================================================================== 6. options
 def bench_options(cfg: DictConfig, device: torch.device, shared: dict) -> tuple[list, dict]:
     """Compute time of the default training step (fixed batches, no loader, text cache off so each
-    step encodes) with channels_last, torch.compile, autocast and each thread count, taking turns."""
+    step encodes) beside one change each: config variants (channels_last, the optimiser, ...),
+    torch.compile, autocast and each thread count, taking turns."""
     s = cfg.options
     rows, raw = Rows("options"), {}
-    tcfg = compose_train(train_overrides(cfg, s.overrides))
-    variants = option_variants(s, device)
     fns, notes = {}, {}
-    for name, opts in variants.items():
+    default = compose_train(train_overrides(cfg, s.overrides))
+    for name, opts in option_variants(s, device).items():
         try:
+            tcfg = compose_train(train_overrides(cfg, s.overrides, opts.get("overrides")))
+            if opts.get("overrides") and tcfg == default:
+                rows.skip(name, "the default already: " + " ".join(opts["overrides"]))
+                continue
             fns[name], notes[name] = option_step(tcfg, device, opts, int(s.steps))
+            if opts.get("compile"):  # compiling happens in the first step: time it on its own
+                raw[f"{name} first step s"] = fns[name]()[0]
         except Exception as e:  # noqa: BLE001 - an option that does not work here is a result
             rows.skip(name, f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    for name in list(fns):
-        if variants[name].get("compile"):  # compiling happens in the first step: time it on its own
-            try:
-                raw[f"{name} first call s"] = fns[name]()[0]
-            except Exception as e:  # noqa: BLE001
-                rows.skip(name, f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                del fns[name]
+            fns.pop(name, None)
     samples = interleave(fns, rounds=int(s.rounds), warmup=int(s.warmup))
     for name, xs in samples.items():
-        note = notes[name]
-        if f"{name} first call s" in raw:
-            note += f"; first step (compiling) {raw[f'{name} first call s']:.0f} s"
-        rows.add(name, median(xs), "s/step", note)
+        first = raw.get(f"{name} first step s")
+        rows.add(name, median(xs), "s/step", notes[name] + (f"; first step (compiling) {first:.0f} s" if first else ""))
     for name in samples:
         if name != "default":
             rows.ratio(f"{name} / default", name, "default")
-    for name in variants:
-        if name not in samples and not any(r["name"] == name for r in rows.items):
-            rows.skip(name, "not run")
     raw["steps"] = samples
     return rows.items, raw
 
 
 def option_variants(s: DictConfig, device: torch.device) -> dict[str, dict]:
-    """name -> options: the default, then one change each (benchmark.yaml `options`)."""
-    v = {"default": {}}
-    if s.channels_last:
-        v["channels_last"] = {"channels_last": True}
+    """name -> what it changes: the default, the config variants, compile, autocast dtypes, threads."""
+    v: dict[str, dict] = {"default": {}}
+    for name, overrides in (s.variants or {}).items():
+        v[str(name)] = {"overrides": list(overrides)}
     if s.compile is True or (s.compile == "auto" and device.type == "cuda"):
-        v["compile"] = {"compile": True}
-    for dtype in s.amp_dtypes:
+        v["torch.compile"] = {"compile": True}
+    for dtype in s.amp_dtypes or []:
         v[f"autocast {dtype}"] = {"amp": str(dtype)}
     cores = os.cpu_count() or 1
     counts = sorted({*(2 ** i for i in range(cores.bit_length()) if 2 ** i <= cores), cores}) \
@@ -746,21 +748,21 @@ def option_step(tcfg: DictConfig, device: torch.device, opts: dict, steps: int):
     if module.text_encoder is not None:
         module.text_encoder.cache_size = 0
     batch = first_batch(train_set, int(tcfg.trainer.batch_size), device)
-    if opts.get("channels_last"):
-        module.model.to(memory_format=torch.channels_last)
-        batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
     if opts.get("compile"):
         module.model = torch.compile(module.model)
-    cast = torch.autocast(device.type, dtype=getattr(torch, opts["amp"])) if opts.get("amp") else None
-    if cast is not None and device.type == "cuda" and opts["amp"] == "float16":
-        raise ValueError("float16 autocast needs a gradient scaler; compare bfloat16 here")
+    cast = None
+    if opts.get("amp"):
+        if device.type == "cuda" and opts["amp"] == "float16":
+            raise ValueError("float16 autocast needs a gradient scaler; compare bfloat16 here")
+        cast = torch.autocast(device.type, dtype=getattr(torch, opts["amp"]))
     threads = opts.get("threads")
 
     def run() -> list[float]:
         with num_threads(threads):
             return [t for _ in range(steps)
                     for t in timed(lambda: bare_step(module, optimizer, batch, cast), device)()]
-    note = f"{threads or torch.get_num_threads()} threads, batch {tcfg.trainer.batch_size} @ {tcfg.data.img_size} px"
+    note = (f"{threads or torch.get_num_threads()} threads, batch {tcfg.trainer.batch_size} @ {tcfg.data.img_size} "
+            f"px, channels_last={tcfg.model.get('channels_last', False)}, fused AdamW={tcfg.optim.get('fused', False)}")
     return run, note
 
 

@@ -24,7 +24,9 @@ TINY_SECTIONS = {
     "loader": {"formats": {"synthetic": [], "freihand": ["data.versions=[0]"], "rhd": []}, "fixture_hands": 4,
                "crops": 3, "rounds": 2, "warmup": 0, "steps": 1, "step_warmup": 0},
     "joint_features": {"rounds": 1, "warmup": 0, "steps": 1},
-    "options": {"threads": [1], "compile": False, "warmup": 0, "steps": 1, "rounds": 1},
+    "options": {"variants": {"channels_last": ["model.channels_last=true"], "as default": ["seed=0"]},
+                "threads": [1], "compile": False,
+                "warmup": 0, "steps": 1, "rounds": 1},
     "eval_stream": {"overrides": [], "size": 12, "batch_size": 4, "batches": 2, "num_workers": 0},
 }
 
@@ -121,6 +123,8 @@ def test_sections_switch_off(tmp_path):
 
 
 # ----------------------------------------------------------------------------- a whole tiny run
+# (slow: three fresh processes, an ONNX export and every section's builds, about half a minute)
+@pytest.mark.slow
 def test_every_section_reports_rows_and_the_machine(full_run):
     cfg, res = full_run
     assert [s for s in bench.SECTIONS if s in {r["section"] for r in res["rows"]}] == list(bench.SECTIONS)
@@ -133,6 +137,7 @@ def test_every_section_reports_rows_and_the_machine(full_run):
     assert not failed
 
 
+@pytest.mark.slow
 def test_ratios_are_the_quotients_of_the_rows_they_name(full_run):
     _, res = full_run
     rows = by_name(res["rows"])
@@ -144,6 +149,7 @@ def test_ratios_are_the_quotients_of_the_rows_they_name(full_run):
         assert r["value"] == pytest.approx(num["value"] / den["value"], rel=1e-12)
 
 
+@pytest.mark.slow
 def test_timed_rows_are_medians_of_the_stored_samples(full_run):
     _, res = full_run
     rows, raw = by_name(res["rows"]), res["raw"]
@@ -156,6 +162,7 @@ def test_timed_rows_are_medians_of_the_stored_samples(full_run):
         1e3 * bench.median(v["step_s"]) / v["batch_size"])
 
 
+@pytest.mark.slow
 def test_hit_rates_are_hits_over_lookups_as_counted(full_run):
     _, res = full_run
     rows, raw = by_name(res["rows"]), res["raw"]["train_step"]
@@ -171,6 +178,7 @@ def test_hit_rates_are_hits_over_lookups_as_counted(full_run):
     assert raw["text_savings"]["k21"]["hits"] > 0
 
 
+@pytest.mark.slow
 def test_onnx_is_compared_or_skipped_with_the_extra_to_install(full_run):
     _, res = full_run
     rows = by_name(res["rows"])
@@ -183,6 +191,7 @@ def test_onnx_is_compared_or_skipped_with_the_extra_to_install(full_run):
         assert ("inference", "tiny@64 b1 onnxruntime / eager") in rows
 
 
+@pytest.mark.slow
 def test_memory_and_stream_rows(full_run):
     _, res = full_run
     rows = by_name(res["rows"])
@@ -195,6 +204,16 @@ def test_memory_and_stream_rows(full_run):
     assert total["value"] == pytest.approx(raw["first_s"] + 3 * bench.median(raw["intervals"]))  # 3 batches of 4
 
 
+@pytest.mark.slow
+def test_option_variants_that_change_nothing_are_not_timed(full_run):
+    _, res = full_run
+    rows = by_name(res["rows"])
+    assert rows[("options", "as default")]["value"] is None and "default already" in rows[("options", "as default")]["note"]
+    assert rows[("options", "channels_last / default")]["ratio_of"] == ["channels_last", "default"]
+    assert "channels_last" in res["raw"]["options"]["steps"] and "as default" not in res["raw"]["options"]["steps"]
+
+
+@pytest.mark.slow
 def test_targets_are_marked_on_their_rows(full_run):
     _, res = full_run
     rows = by_name(res["rows"])
@@ -202,6 +221,7 @@ def test_targets_are_marked_on_their_rows(full_run):
     assert rows[("train_step", "tiny / no_clip")]["met"] is False
 
 
+@pytest.mark.slow
 def test_json_round_trip_and_one_table_row_per_measurement(full_run):
     cfg, res = full_run
     out = Path(cfg.out_dir)
