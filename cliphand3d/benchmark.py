@@ -420,6 +420,10 @@ def bench_train_step(cfg: DictConfig, device: torch.device, shared: dict) -> tup
     """Step time per sample of each variant (the default config; the contrastive term off; a ViT-B-32-
     shaped tower), taking turns, with each run's text-cache hit rate; then the text encoder's savings."""
     s = cfg.train_step
+    for key in ("default", "baseline"):
+        if s[key] is not None and s[key] not in s.variants:
+            raise ConfigError(f"benchmark: train_step.{key}={s[key]!r} is not one of train_step.variants "
+                              f"{list(s.variants)}; name one of them (or null)")
     rows, raw = Rows("train_step"), {"variants": {}}
     runners = {name: StepRunner(compose_train(train_overrides(cfg, ov)), device) for name, ov in s.variants.items()}
     fns = {name: (lambda r=r: r(int(s.steps))) for name, r in runners.items()}
@@ -436,7 +440,7 @@ def bench_train_step(cfg: DictConfig, device: torch.device, shared: dict) -> tup
         if name == s.default:
             shared["default_step_s"], shared["default_batch"] = step, runner.batch_size
     for name, runner in runners.items():
-        if name != s.baseline:
+        if s.baseline is not None and name != s.baseline:
             rows.ratio(f"{name} / {s.baseline}", f"{name} step per sample", f"{s.baseline} step per sample")
         enc = runner.encoder
         if enc is not None and enc.cache_size:

@@ -111,6 +111,13 @@ def test_unknown_section_is_an_error_naming_the_choices(tmp_path):
         bench.run_benchmark(cfg)
 
 
+def test_a_baseline_that_is_not_a_variant_is_an_error_naming_the_key(tmp_path):
+    cfg = tiny_config(tmp_path, ["train_step"])
+    cfg.train_step.baseline = "old"
+    with pytest.raises(ConfigError, match=r"train_step.baseline='old'.*\['tiny', 'no_clip'\]"):
+        bench.run_benchmark(cfg)
+
+
 def test_sections_switch_off(tmp_path):
     cfg = tiny_config(tmp_path, ["params"])
     res = bench.run_benchmark(cfg)
