@@ -420,8 +420,8 @@ def bench_train_step(cfg: DictConfig, device: torch.device, shared: dict) -> tup
     """Step time per sample of each variant (the default config; the contrastive term off; a ViT-B-32-
     shaped tower), taking turns, with each run's text-cache hit rate; then the text encoder's savings."""
     s = cfg.train_step
-    for key in ("default", "baseline"):
-        if s[key] is not None and s[key] not in s.variants:
+    for key in ("default", "baseline", "previous"):
+        if s.get(key) is not None and s[key] not in s.variants:
             raise ConfigError(f"benchmark: train_step.{key}={s[key]!r} is not one of train_step.variants "
                               f"{list(s.variants)}; name one of them (or null)")
     rows, raw = Rows("train_step"), {"variants": {}}
@@ -442,6 +442,8 @@ def bench_train_step(cfg: DictConfig, device: torch.device, shared: dict) -> tup
     for name, runner in runners.items():
         if s.baseline is not None and name != s.baseline:
             rows.ratio(f"{name} / {s.baseline}", f"{name} step per sample", f"{s.baseline} step per sample")
+        if s.get("previous") is not None and name == s.previous:  # the speed-up of today's default over it
+            rows.ratio(f"{name} / {s.default}", f"{name} step per sample", f"{s.default} step per sample")
         enc = runner.encoder
         if enc is not None and enc.cache_size:
             raw["variants"][name].update(hits=enc.hits, misses=enc.misses)

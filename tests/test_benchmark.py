@@ -18,13 +18,13 @@ from cliphand3d.released import CONFIGS
 TINY_SECTIONS = {
     "inference": {"presets": {"tiny": []}, "batch_sizes": [1, 2], "rounds": 2, "warmup": 0, "onnx_presets": ["tiny"]},
     "params": {"presets": {"tiny": []}, "batch_size": 2},
-    "train_step": {"variants": {"tiny": [], "no_clip": ["loss.weights.clip=0"]}, "warmup": 1, "steps": 1, "rounds": 2,
+    "train_step": {"variants": {"tiny": [], "no_clip": ["loss.weights.clip=0"]}, "previous": "no_clip", "warmup": 1, "steps": 1, "rounds": 2,
                    "text_savings": {"enabled": True, "overrides": [], "num_joints": [21, 5], "batch_size": 4,
                                     "pool": 6, "cache_size": 64, "warmup": 1, "rounds": 2}},
     "loader": {"formats": {"synthetic": [], "freihand": ["data.versions=[0]"], "rhd": []}, "fixture_hands": 4,
                "crops": 3, "rounds": 2, "warmup": 0, "steps": 1, "step_warmup": 0},
     "joint_features": {"rounds": 1, "warmup": 0, "steps": 1},
-    "options": {"variants": {"channels_last": ["model.channels_last=true"], "as default": ["seed=0"]},
+    "options": {"variants": {"nchw": ["model.channels_last=false"], "as default": ["seed=0"]},
                 "threads": [1], "compile": False,
                 "warmup": 0, "steps": 1, "rounds": 1},
     "eval_stream": {"overrides": [], "size": 12, "batch_size": 4, "batches": 2, "num_workers": 0},
@@ -167,6 +167,11 @@ def test_timed_rows_are_medians_of_the_stored_samples(full_run):
     assert len(v["step_s"]) == 2  # rounds x steps
     assert rows[("train_step", "tiny step per sample")]["value"] == pytest.approx(
         1e3 * bench.median(v["step_s"]) / v["batch_size"])
+    # train_step.previous: the earlier default over today's, from the same rounds
+    speedup = rows[("train_step", "no_clip / tiny")]
+    assert speedup["ratio_of"] == ["no_clip step per sample", "tiny step per sample"]
+    assert speedup["value"] == pytest.approx(rows[("train_step", "no_clip step per sample")]["value"]
+                                             / rows[("train_step", "tiny step per sample")]["value"])
 
 
 @pytest.mark.slow
@@ -216,8 +221,8 @@ def test_option_variants_that_change_nothing_are_not_timed(full_run):
     _, res = full_run
     rows = by_name(res["rows"])
     assert rows[("options", "as default")]["value"] is None and "default already" in rows[("options", "as default")]["note"]
-    assert rows[("options", "channels_last / default")]["ratio_of"] == ["channels_last", "default"]
-    assert "channels_last" in res["raw"]["options"]["steps"] and "as default" not in res["raw"]["options"]["steps"]
+    assert rows[("options", "nchw / default")]["ratio_of"] == ["nchw", "default"]
+    assert "nchw" in res["raw"]["options"]["steps"] and "as default" not in res["raw"]["options"]["steps"]
 
 
 @pytest.mark.slow
