@@ -419,6 +419,19 @@ def _(ctx):
     return printed(lambda: make_loader([0], batch_size=1, num_workers=1, device=torch.device("cpu"), worker_nice=-5))
 
 
+@faq("benchmark-options")
+def _(ctx):
+    from omegaconf import OmegaConf
+
+    from cliphand3d import benchmark as bench
+
+    cfg = OmegaConf.create({"train_step": {"variants": {"tiny": [], "no_clip": []}, "default": "tiny",
+                                           "baseline": "old", "previous": None}})
+    return "\n".join([printed(lambda: bench.check_sections(["speed"])),
+                      printed(lambda: bench.apply_targets([], {"s/r": "about 1"})),
+                      printed(lambda: bench.bench_train_step(cfg, torch.device("cpu"), {}))])
+
+
 @faq("ema-decay")
 def _(ctx):
     from cliphand3d.ema import ModelEMA
