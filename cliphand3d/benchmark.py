@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -234,6 +235,10 @@ def first_batch(dataset, batch_size: int, device: torch.device) -> dict:
     return engine.to_device(next(iter(loader)), device)
 
 
+# Job-control signals pause a run's loader workers between its turns (None where the platform has none).
+STOP, CONTINUE = getattr(signal, "SIGSTOP", None), getattr(signal, "SIGCONT", None)
+
+
 class StepRunner:
     """A training run as scripts/train.py builds it (its data loader and workers included), stepped a
     few steps at a time through engine.train_one_epoch, so runs can take turns."""
@@ -250,22 +255,43 @@ class StepRunner:
         loader = make_loader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True,
                              num_workers=int(t.num_workers), device=device, worker_nice=int(t.get("worker_nice", 0)))
         self.batches = iter(loader)
+        self._signal_workers(STOP)  # until its first turn
 
     @property
     def encoder(self):
         return self.module.text_encoder
 
     def __call__(self, steps: int) -> list[float]:
-        """Seconds of each of the next `steps` steps (data wait, forward, backward, optimiser, checks)."""
+        """Seconds of each of the next `steps` steps (data wait, forward, backward, optimiser, checks).
+        The loader's workers run only inside this call: between turns they are stopped, so runs taking
+        turns never render for one another's steps."""
         t = self.cfg.trainer
-        stamps = [time.perf_counter()]
-        engine.train_one_epoch(self.module, islice(self.batches, int(steps)), self.optimizer, None,
-                               engine.TrainState(), device=self.device, total_steps=int(steps), amp=t.amp,
-                               grad_clip=t.grad_clip, on_step=lambda st: stamps.append(time.perf_counter()))
+        self._signal_workers(CONTINUE)
+        try:
+            stamps = [time.perf_counter()]
+            engine.train_one_epoch(self.module, islice(self.batches, int(steps)), self.optimizer, None,
+                                   engine.TrainState(), device=self.device, total_steps=int(steps), amp=t.amp,
+                                   grad_clip=t.grad_clip, on_step=lambda st: stamps.append(time.perf_counter()))
+        finally:
+            self._signal_workers(STOP)
         return [b - a for a, b in zip(stamps, stamps[1:])]
 
+    def worker_pids(self) -> list[int]:
+        return [w.pid for w in getattr(self.batches, "_workers", None) or [] if w.is_alive()]
+
+    def _signal_workers(self, sig) -> None:
+        if sig is None:  # no job-control signals on this platform: the workers run throughout
+            return
+        for pid in self.worker_pids():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
     def close(self) -> None:
+        self._signal_workers(CONTINUE)  # a stopped worker could not take the loader's shutdown message
         self.batches = None  # ends the loader's worker processes
+
 
 
 def time_steps(cfg: DictConfig, steps: int, warmup: int, device: torch.device | None = None) -> list[float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -248,3 +249,30 @@ def test_json_round_trip_and_one_table_row_per_measurement(full_run):
         assert cells[:2] == [r["section"], r["name"]]
         if r["value"] is not None and math.isfinite(r["value"]):
             assert float(cells[2]) == pytest.approx(r["value"], rel=0.06)
+
+
+def _stopped(pid: int) -> bool:
+    """Whether the process is stopped (state T in /proc), waiting up to a second for the signal to land."""
+    for _ in range(100):
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T":
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.skipif(bench.STOP is None or not Path("/proc/self/stat").exists(),
+                    reason="needs job-control signals and /proc (Linux)")
+def test_runs_taking_turns_stop_their_loader_workers_between_turns(tmp_path):
+    cfg = tiny_config(tmp_path, ["train_step"])
+    tcfg = bench.compose_train(bench.train_overrides(cfg, ["trainer.num_workers=1", "trainer.batch_size=2"]))
+    runner = bench.StepRunner(tcfg, torch.device("cpu"))
+    try:
+        (pid,) = runner.worker_pids()
+        assert _stopped(pid)  # built, not yet stepped: renders nothing while another run is timed
+        assert len(runner(1)) == 1
+        assert _stopped(pid)  # stopped again after its turn
+        assert len(runner(2)) == 2  # and it serves again on its next turn
+        assert _stopped(pid)
+    finally:
+        runner.close()
+    assert runner.batches is None
