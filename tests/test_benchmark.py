@@ -24,7 +24,7 @@ TINY_SECTIONS = {
                                     "pool": 6, "cache_size": 64, "warmup": 1, "rounds": 2}},
     "loader": {"formats": {"synthetic": [], "freihand": ["data.versions=[0]"], "rhd": []}, "fixture_hands": 4,
                "crops": 3, "rounds": 2, "warmup": 0, "steps": 1, "step_warmup": 0},
-    "joint_features": {"rounds": 1, "warmup": 0, "steps": 1},
+    "joint_features": {"overrides": [], "rounds": 1, "warmup": 0, "steps": 1},
     "options": {"variants": {"nchw": ["model.channels_last=false"], "as default": ["seed=0"]},
                 "threads": [1], "compile": False,
                 "warmup": 0, "steps": 1, "rounds": 1},

@@ -172,3 +172,26 @@ def test_joints_only_is_decided_once_not_every_forward(monkeypatch):
     other = dict(t.to_dict(), J=np.roll(np.eye(21), 1, axis=1))
     net.load_state_dict(model(MeshTemplate.from_dict(other)).state_dict())
     assert net.joints_only is False
+
+
+@pytest.mark.parametrize("block", ["torch", "clip"])
+def test_inference_attends_through_sdpa_with_the_same_answer_and_restores_the_switch(block):
+    """PyTorch's no-grad fast path materialises the N x N attention (bmm + softmax); inference runs the
+    SDPA kernels training uses instead, to the same values, and leaves the global switch as it found it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    net = model(tiny_template().to_dict(), block=block).eval()
+    x = inputs(b=3)
+    with torch.no_grad():
+        first = net(*x)["verts"]
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = net(*x)["verts"]
+    ops = {e.name for e in prof.events()}
+    assert "aten::_native_multi_head_attention" not in ops
+    assert any("scaled_dot_product" in name for name in ops)
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
+    net.train()  # dropout is 0: the training path gives the same numbers through SDPA too
+    with torch.no_grad():
+        reference = net(*x)["verts"]
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-5)
+    assert torch.equal(first, out)

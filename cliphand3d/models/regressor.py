@@ -19,6 +19,7 @@ initialises the node-axis Linears (each node starts from its nearest coarser nod
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -76,6 +77,23 @@ class _NodeLinear(nn.Linear):
         return super().forward(x.transpose(1, 2)).transpose(1, 2)
 
 
+@contextmanager
+def sdpa_attention():
+    """Attention through scaled_dot_product_attention in inference too.
+
+    Without grad, nn.TransformerEncoderLayer and nn.MultiheadAttention take PyTorch's "fast path",
+    which on the CPU materialises each N x N attention matrix (bmm + softmax): over the 778 mesh nodes
+    at batch 32 that cost ~10% of the paper-sized model's forward (README "Performance"). Training
+    already runs the SDPA kernels; this makes inference run the same ones (the same function, to
+    float rounding). The switch is PyTorch's global one, restored on exit."""
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
+
+
 class _Stage(nn.Module):
     def __init__(self, *, n_in: int, n_out: int, w_in: int, w_out: int, cue_dim: int, blocks: int,
                  heads: int, dropout: float, up_init: torch.Tensor, spread_init: torch.Tensor,
@@ -117,8 +135,9 @@ class _Stage(nn.Module):
             x = x + cue
         # (B, N, C) -> (N, B, C) makes the blocks attend across the batch, as the released code does
         x = x.transpose(0, 1) if self.attention_over == "batch" else x
-        for block in self.blocks:
-            x = block(x)
+        with sdpa_attention():
+            for block in self.blocks:
+                x = block(x)
         x = x.transpose(0, 1) if self.attention_over == "batch" else x
         if self.cue_placement == "after":
             x = x + cue
