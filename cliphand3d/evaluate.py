@@ -55,6 +55,11 @@ def eval_config(cfg: DictConfig, saved: DictConfig) -> DictConfig:
         run.data = data  # its split entries read ${data.root}, data.root=DIR included
         run.data.img_size = saved.data.img_size  # the model was built for this crop size
     root = _eval_root(cfg)
+    if root is not None and run.data.get("format") == "synthetic":
+        # generated hands read no files: the folder would be ignored and the numbers be the synthetic ones
+        raise ConfigError(f"root={root}: the data this evaluates ({run.data.get('name', 'synthetic')}) are generated "
+                          "and read no folder; to evaluate on a dataset on disk, name its config too: "
+                          f"eval.py ckpt=... data=freihand root={root} (or data=rhd)")
     if root is not None:
         run.data.root = root
         # a checkpoint stores its config resolved: the split entries hold the old path, not ${data.root}

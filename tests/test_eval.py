@@ -196,6 +196,20 @@ def test_eval_root_and_data_root_naming_two_folders_is_refused():
         eval_config(OmegaConf.create({"data": {"root": "/b"}, "root": "/a"}), saved)
 
 
+def test_a_folder_given_for_generated_data_is_refused_not_ignored():
+    from omegaconf import OmegaConf
+
+    from cliphand3d.evaluate import eval_config
+    from cliphand3d.preflight import ConfigError
+
+    saved = OmegaConf.create({"data": {"name": "synthetic", "format": "synthetic", "root": None, "img_size": 64,
+                                       "test": {"length": 4}}})
+    for given in ({"data": {"root": "/data/FreiHAND"}, "root": None}, {"data": {"root": None}, "root": "/data/FreiHAND"}):
+        with pytest.raises(ConfigError, match=r"read no folder.*data=freihand root=/data/FreiHAND"):
+            eval_config(OmegaConf.create(given), saved)
+    assert eval_config(OmegaConf.create({"data": {"root": None}, "root": None}), saved).data.test.length == 4
+
+
 # --------------------------------------------------------------------------- FreiHAND without released ground truth
 class ExactModel(torch.nn.Module):
     """Returns the true uvd of whichever evaluation crop it is shown (looked up by its pixels): a model

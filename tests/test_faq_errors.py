@@ -708,7 +708,9 @@ def _(ctx):
     saved = OmegaConf.create({"data": {"root": "/old", "img_size": 64, "test": {"root": "/old"}}})
     return [printed(lambda: checkpoint_config(ckpt, "best.pt", ["model.nope=1"])),
             printed(lambda: checkpoint_config(ckpt, "best.pt", ["model.coord_units"])),
-            printed(lambda: eval_config(OmegaConf.create({"data": {"root": "/b"}, "root": "/a"}), saved))]
+            printed(lambda: eval_config(OmegaConf.create({"data": {"root": "/b"}, "root": "/a"}), saved)),
+            printed(lambda: eval_config(OmegaConf.create({"data": {"root": "/b"}, "root": None}),
+                                        OmegaConf.create({"data": {"format": "synthetic", "name": "synthetic"}})))]
 
 
 @faq("placement")
