@@ -371,7 +371,7 @@ def onnx_runner(model, label: str, size: int, device: torch.device, out: Path, w
 
         (out / "onnx").mkdir(parents=True, exist_ok=True)
         path = export_onnx(model, out / "onnx" / f"{label.replace('@', '_')}.onnx", img_size=size)
-        return OnnxModel(path, threads=torch.get_num_threads())
+        return OnnxModel(path, threads=torch.get_num_threads(), spin_wait=False)  # fair to the eager runs after it
     except ImportError:
         rows.skip(name, ONNX_EXTRA)
     except Exception as e:  # noqa: BLE001 - an export failure is a result to report, not a crash

@@ -134,9 +134,13 @@ def graph_metadata(model: nn.Module, img_size: int) -> dict[str, str]:
 
 
 class OnnxModel:
-    """An exported file run by onnxruntime on the CPU: `OnnxModel(path)(images)` -> {"joints", "verts"}."""
+    """An exported file run by onnxruntime on the CPU: `OnnxModel(path)(images)` -> {"joints", "verts"}.
 
-    def __init__(self, path, threads: int | None = None):
+    `spin_wait=False` stops onnxruntime's threads from busy-waiting for more work after each run (its
+    default, good for latency): otherwise they take the cores from whatever runs next on the CPU, e.g.
+    PyTorch in a benchmark that alternates the two."""
+
+    def __init__(self, path, threads: int | None = None, spin_wait: bool = True):
         (ort,) = require("onnxruntime")
         self.path = pathlib.Path(path).expanduser()
         if not self.path.is_file():
@@ -145,6 +149,9 @@ class OnnxModel:
         opts = ort.SessionOptions()
         if threads is not None:
             opts.intra_op_num_threads = int(threads)
+        if not spin_wait:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
         inp = self.session.get_inputs()[0]
         self.input_name, self.input_shape = inp.name, tuple(inp.shape)

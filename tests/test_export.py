@@ -123,6 +123,21 @@ def test_metadata_and_wrong_input_shape(exported):
         runner(np.zeros((2, 3, S + 8, S + 8), np.float32))
 
 
+def test_without_spin_waiting_the_answers_are_the_same(exported):
+    """The benchmark's setting (threads that sleep between runs) changes scheduling, not results."""
+    x = np.random.default_rng(0).normal(size=(2, 3, S, S)).astype(np.float32)
+    def spinning(runner):
+        try:
+            return runner.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+        except RuntimeError:  # not set: onnxruntime's default, spinning on
+            return "default"
+
+    quiet, default = (export.OnnxModel(exported["onnx"], threads=1, spin_wait=w) for w in (False, True))
+    assert spinning(quiet) == "0" and spinning(default) == "default"
+    a, b = quiet(x), default(x)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_a_graph_that_does_not_match_fails_and_is_removed(exported, tmp_path):
     """scripts/export.py's failure path: check_export against a model whose weights differ."""
     path = tmp_path / "copy.onnx"
