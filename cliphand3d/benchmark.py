@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from itertools import islice
 from pathlib import Path
 from typing import Callable
@@ -292,15 +292,19 @@ class StepRunner:
         self._signal_workers(CONTINUE)  # a stopped worker could not take the loader's shutdown message
         self.batches = None  # ends the loader's worker processes
 
+    def __enter__(self) -> "StepRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()  # also on an error or Ctrl-C: never leave stopped workers behind
+
 
 
 def time_steps(cfg: DictConfig, steps: int, warmup: int, device: torch.device | None = None) -> list[float]:
     """Seconds of `steps` consecutive training steps after `warmup` (benchmarks/bench_train_step.py)."""
-    runner = StepRunner(cfg, device or torch.device("cpu"))
-    runner(warmup)
-    times = runner(steps)
-    runner.close()
-    return times
+    with StepRunner(cfg, device or torch.device("cpu")) as runner:
+        runner(warmup)
+        return runner(steps)
 
 
 def bare_step(module: TrainingModule, optimizer, batch: dict, cast=None) -> None:
@@ -451,31 +455,32 @@ def bench_train_step(cfg: DictConfig, device: torch.device, shared: dict) -> tup
             raise ConfigError(f"benchmark: train_step.{key}={s[key]!r} is not one of train_step.variants "
                               f"{list(s.variants)}; name one of them (or null)")
     rows, raw = Rows("train_step"), {"variants": {}}
-    runners = {name: StepRunner(compose_train(train_overrides(cfg, ov)), device) for name, ov in s.variants.items()}
-    fns = {name: (lambda r=r: r(int(s.steps))) for name, r in runners.items()}
-    for r in runners.values():
-        r(int(s.warmup))
-        if r.encoder is not None:
-            r.encoder.reset_stats()
-    samples = interleave(fns, rounds=int(s.rounds), warmup=0)
-    for name, runner in runners.items():
-        step = median(samples[name])
-        rows.add(f"{name} step per sample", 1e3 * step / runner.batch_size, "ms/sample",
-                 f"{step:.3f} s/step, batch {runner.batch_size}")
-        raw["variants"][name] = {"step_s": samples[name], "batch_size": runner.batch_size}
-        if name == s.default:
-            shared["default_step_s"], shared["default_batch"] = step, runner.batch_size
-    for name, runner in runners.items():
-        if s.baseline is not None and name != s.baseline:
-            rows.ratio(f"{name} / {s.baseline}", f"{name} step per sample", f"{s.baseline} step per sample")
-        if s.get("previous") is not None and name == s.previous:  # the speed-up of today's default over it
-            rows.ratio(f"{name} / {s.default}", f"{name} step per sample", f"{s.default} step per sample")
-        enc = runner.encoder
-        if enc is not None and enc.cache_size:
-            raw["variants"][name].update(hits=enc.hits, misses=enc.misses)
-            rows.add(f"{name} text cache hit rate", enc.hit_rate, "", f"{enc.hits} hits, {enc.misses} misses "
-                     "over the timed steps")
-        runner.close()
+    with ExitStack() as running:  # every runner's workers end here, on an error too
+        runners = {name: running.enter_context(StepRunner(compose_train(train_overrides(cfg, ov)), device))
+                   for name, ov in s.variants.items()}
+        fns = {name: (lambda r=r: r(int(s.steps))) for name, r in runners.items()}
+        for r in runners.values():
+            r(int(s.warmup))
+            if r.encoder is not None:
+                r.encoder.reset_stats()
+        samples = interleave(fns, rounds=int(s.rounds), warmup=0)
+        for name, runner in runners.items():
+            step = median(samples[name])
+            rows.add(f"{name} step per sample", 1e3 * step / runner.batch_size, "ms/sample",
+                     f"{step:.3f} s/step, batch {runner.batch_size}")
+            raw["variants"][name] = {"step_s": samples[name], "batch_size": runner.batch_size}
+            if name == s.default:
+                shared["default_step_s"], shared["default_batch"] = step, runner.batch_size
+        for name, runner in runners.items():
+            if s.baseline is not None and name != s.baseline:
+                rows.ratio(f"{name} / {s.baseline}", f"{name} step per sample", f"{s.baseline} step per sample")
+            if s.get("previous") is not None and name == s.previous:  # the speed-up of today's default over it
+                rows.ratio(f"{name} / {s.default}", f"{name} step per sample", f"{s.default} step per sample")
+            enc = runner.encoder
+            if enc is not None and enc.cache_size:
+                raw["variants"][name].update(hits=enc.hits, misses=enc.misses)
+                rows.add(f"{name} text cache hit rate", enc.hit_rate, "", f"{enc.hits} hits, {enc.misses} misses "
+                         "over the timed steps")
     if s.text_savings.enabled:
         raw["text_savings"] = text_savings(cfg, device, rows)
     return rows.items, raw
@@ -576,9 +581,8 @@ def consumption(cfg: DictConfig, device: torch.device, shared: dict) -> dict:
     if "default_step_s" in shared:
         return {"step_s": shared["default_step_s"], "batch": shared["default_batch"], "source": "train_step"}
     s = cfg.loader
-    runner = StepRunner(compose_train(train_overrides(cfg)), device)
-    times = runner(int(s.step_warmup) + int(s.steps))[int(s.step_warmup):]
-    runner.close()
+    with StepRunner(compose_train(train_overrides(cfg)), device) as runner:
+        times = runner(int(s.step_warmup) + int(s.steps))[int(s.step_warmup):]
     return {"step_s": median(times), "batch": runner.batch_size, "source": f"{len(times)} steps measured here"}
 
 

@@ -251,10 +251,18 @@ def test_json_round_trip_and_one_table_row_per_measurement(full_run):
             assert float(cells[2]) == pytest.approx(r["value"], rel=0.06)
 
 
+def _state(pid: int) -> str:
+    """The process state letter from /proc (R running, S sleeping, T stopped, Z zombie), or "gone"."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
+
+
 def _stopped(pid: int) -> bool:
     """Whether the process is stopped (state T in /proc), waiting up to a second for the signal to land."""
     for _ in range(100):
-        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T":
+        if _state(pid) == "T":
             return True
         time.sleep(0.01)
     return False
@@ -265,14 +273,19 @@ def _stopped(pid: int) -> bool:
 def test_runs_taking_turns_stop_their_loader_workers_between_turns(tmp_path):
     cfg = tiny_config(tmp_path, ["train_step"])
     tcfg = bench.compose_train(bench.train_overrides(cfg, ["trainer.num_workers=1", "trainer.batch_size=2"]))
-    runner = bench.StepRunner(tcfg, torch.device("cpu"))
-    try:
-        (pid,) = runner.worker_pids()
-        assert _stopped(pid)  # built, not yet stepped: renders nothing while another run is timed
-        assert len(runner(1)) == 1
-        assert _stopped(pid)  # stopped again after its turn
-        assert len(runner(2)) == 2  # and it serves again on its next turn
-        assert _stopped(pid)
-    finally:
-        runner.close()
+    with pytest.raises(KeyboardInterrupt):
+        with bench.StepRunner(tcfg, torch.device("cpu")) as runner:
+            (pid,) = runner.worker_pids()
+            assert _stopped(pid)  # built, not yet stepped: renders nothing while another run is timed
+            assert len(runner(1)) == 1
+            assert _stopped(pid)  # stopped again after its turn
+            assert len(runner(2)) == 2  # and it serves again on its next turn
+            assert _stopped(pid)
+            raise KeyboardInterrupt  # a benchmark stopped by Ctrl-C between turns
     assert runner.batches is None
+    for _ in range(500):  # the stopped worker was woken and ended, not left behind
+        if _state(pid) in ("gone", "Z"):
+            break
+        time.sleep(0.01)
+    else:
+        raise AssertionError(f"worker {pid} still there, state {_state(pid)}")
