@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import metrics
 from .build import build_datasets, build_prompts, check_split, compose_config, load_model
 from .data.base import DatasetError
-from .engine import PLACEMENTS, predict
+from .engine import PLACEMENTS, exact_labels, predict
 from .errors import ConfigError
 from .geometry import root_and_bone_from_uvd, uvd_to_xyz
 from .preflight import check_writable
@@ -250,24 +250,6 @@ def _predictions_only(result: dict, dataset, out_dir: Path, wrote_pred: bool) ->
         "no pred.json (write_pred_json=false)"
     print(f"written to {out_dir}: {what}, metrics.json")
     return result
-
-
-def exact_labels(dataset, preds: dict) -> dict:
-    """gt_xyz / gt_verts in float64, as the reference scorers read the annotation files.
-
-    Items carry labels as float32 tensors; that rounding can move a distance across an F-score or PCK
-    threshold (seen: F@5 0.21391 vs the official scorer's 0.21388 on pred.json). The same labels come
-    again, unrounded, from `label_targets` (the item's labels without decoding the image)."""
-    if "gt_xyz" not in preds or not hasattr(dataset, "label_targets"):
-        return {}
-    targets = [dataset.label_targets(int(i)) for i in preds["index"]]
-    out = {"gt_xyz": np.stack([np.asarray(t["joints_xyz"], dtype=np.float64) for t in targets])}
-    if "gt_verts" in preds:
-        out["gt_verts"] = np.stack([np.asarray(t["verts_xyz"], dtype=np.float64) for t in targets])
-    for k, v in out.items():  # the same labels, or the items and label_targets have drifted apart
-        if v.shape != preds[k].shape or not np.allclose(v, preds[k], rtol=0, atol=1e-5):
-            raise RuntimeError(f"eval: {k} from label_targets differs from the items' labels; report this as a bug")
-    return out
 
 
 def _score(cfg: DictConfig, run: DictConfig, preds: dict, template, model, ckpt_path: Path, out_dir: Path,

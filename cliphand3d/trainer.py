@@ -28,7 +28,7 @@ from .checkpoint import (capture_rng_state, compare_configs, config_to_container
                          save_checkpoint)
 from .data.sampler import ResumableSampler
 from .ema import ModelEMA
-from .engine import NonFiniteLossError, TrainState, autocast_for, predict, train_one_epoch, unwrap
+from .engine import NonFiniteLossError, TrainState, autocast_for, exact_labels, predict, train_one_epoch, unwrap
 from .errors import ConfigError
 from .models.template import MeshTemplate
 from .models.training import TrainingModule
@@ -128,6 +128,7 @@ def make_loader(dataset, *, batch_size: int, num_workers: int, sampler=None, shu
 def validate(model, loader, device, protocol: str, text_branch=None) -> tuple[dict, dict]:
     """Predictions over the val loader -> the same metrics eval.py reports."""
     preds = predict(model, loader, device, text_branch=text_branch)
+    preds.update(exact_labels(loader.dataset, preds))
     res = metrics.evaluate(protocol, preds["pred_xyz"], preds["gt_xyz"], preds.get("pred_verts"),
                            preds.get("gt_verts"), preds.get("visible"))
     for a in ("x", "y", "z"):

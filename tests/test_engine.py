@@ -186,3 +186,48 @@ def test_fused_adamw_takes_the_same_steps():
     assert max((a - b).abs().max().item() for a, b in zip(results[0], start)) > 1e-2  # the steps did something
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
+def _synthetic_preds(n: int = 3):
+    """A small synthetic val set and predictions whose labels come, as predict's do, from the float32 items."""
+    import numpy as np
+
+    from cliphand3d.data.synthetic import SyntheticHands
+
+    ds = SyntheticHands(length=n, split="val", img_size=32, num_verts=778, view="upright")
+    items = [ds[i] for i in range(n)]
+    preds = {"index": np.arange(n),
+             "gt_xyz": np.stack([it["joints_xyz"].numpy() for it in items]),
+             "gt_verts": np.stack([it["verts_xyz"].numpy() for it in items])}
+    preds["pred_xyz"], preds["pred_verts"] = preds["gt_xyz"] + 0.01, preds["gt_verts"] + 0.01
+    return ds, preds
+
+
+def test_exact_labels_are_the_float64_annotations_the_items_rounded():
+    import numpy as np
+
+    from cliphand3d.engine import exact_labels
+
+    ds, preds = _synthetic_preds()
+    out = exact_labels(ds, preds)
+    truth = [ds.hand(i) for i in range(3)]
+    assert out["gt_xyz"].dtype == np.float64
+    assert np.array_equal(out["gt_xyz"], np.stack([h.xyz for h in truth]))  # unrounded: the generator's own
+    assert np.array_equal(out["gt_verts"], np.stack([h.verts for h in truth]))
+    assert 0 < np.abs(out["gt_xyz"] - preds["gt_xyz"]).max() < 1e-6  # what float32 had changed
+    preds["gt_xyz"] = preds["gt_xyz"] + 1e-3  # items that no longer match their labels are a bug, not silently fixed
+    with pytest.raises(RuntimeError, match="gt_xyz from label_targets differs"):
+        exact_labels(ds, preds)
+
+
+def test_train_time_validation_scores_against_the_same_float64_labels_as_eval(monkeypatch):
+    import numpy as np
+
+    from cliphand3d import trainer
+
+    ds, preds = _synthetic_preds()
+    monkeypatch.setattr(trainer, "predict", lambda *a, **k: dict(preds))
+    loader = torch.utils.data.DataLoader(ds, batch_size=2)
+    res, seen = trainer.validate(None, loader, torch.device("cpu"), "freihand")
+    assert np.array_equal(seen["gt_xyz"], np.stack([ds.hand(i).xyz for i in range(3)]))
+    assert res["pa_mpjpe_mm"] < 1e-3  # a shifted copy of the labels aligns onto them (to float32 rounding)
