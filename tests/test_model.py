@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cliphand3d.data.prompts import PromptGenerator
+from cliphand3d.errors import ConfigError
 from cliphand3d.data.synthetic import SyntheticHands
 from cliphand3d.data.transforms import CropAugment
 from cliphand3d.losses import CLIPHand3DLoss, heatmap_ce, weighted_total
@@ -185,3 +186,23 @@ def test_channels_last_is_the_same_function(data, z_head):
         torch.testing.assert_close(g1[n], g0[n], atol=1e-10, rtol=1e-7, msg=n)
     small_model(template, z_head=z_head, channels_last=False).load_state_dict(s1)
     small_model(template, z_head=z_head, channels_last=True).load_state_dict(s0)
+
+
+def test_blocks_per_stage_takes_one_count_per_stage(data):
+    ds, template = data
+    model = small_model(template, blocks_per_stage=[1, 2, 0, 0]).eval()
+    assert [len(stage.blocks) for stage in model.regressor.stages] == [1, 2, 0, 0]
+    out = model(batch_of(ds, 2)["image"])
+    assert out["verts"].shape == (2, 200, 3) and torch.isfinite(out["verts"]).all()
+    # A stage without blocks still passes gradient from the vertices back to the image
+    out["verts"].sum().backward()
+    assert model.backbone.parameters().__next__().grad.abs().sum() > 0
+    # an int means that count at every stage
+    assert [len(s.blocks) for s in small_model(template, blocks_per_stage=2).regressor.stages] == [2, 2, 2, 2]
+
+
+@pytest.mark.parametrize("bad", [[1, 1, 0], [1, 1, 0, -1], [1, 1, 0.5, 0]])
+def test_blocks_per_stage_of_the_wrong_length_names_the_key(data, bad):
+    _, template = data
+    with pytest.raises(ConfigError, match=r"model\.blocks_per_stage=.*one per template level"):
+        small_model(template, blocks_per_stage=bad)

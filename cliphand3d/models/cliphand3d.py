@@ -46,7 +46,7 @@ class CLIPHand3D(nn.Module):
         joint_feature_hidden: int = 256,
         token_dim: int = 512,
         widths: Sequence[int] = (512, 256, 128, 64, 32),
-        blocks_per_stage: int = 2,
+        blocks_per_stage: int | Sequence[int] = 2,
         heads: int = 4,
         embed_dim: int = 512,
         axes: Sequence[str] = ("x", "y", "z"),

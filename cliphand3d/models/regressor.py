@@ -2,7 +2,8 @@
 
 Stage l maps nodes n_{l-1} -> n_l (21 joints first): a Linear over the node axis upsamples, a Linear
 narrows the width to w_l - 3, the fixed template positions of level l are concatenated, image cues
-are added and `blocks_per_stage` transformer blocks mix the nodes; a head reads (B, n_l, 3).
+are added and `blocks_per_stage` transformer blocks mix the nodes (one count for every stage, or one
+per stage: 0 leaves a stage to its node-axis Linears); a head reads (B, n_l, 3).
 
 Image cues: F3, F2, F1 are bilinearly sampled at the predicted 2D joints (plus those joints' u, v),
 projected to the stage width and spread from the 21 joints to the level's nodes by a Linear over
@@ -47,6 +48,15 @@ def _choice(key: str, value: str, choices) -> str:
     if value not in choices:
         raise ConfigError(f"model.{key}={value!r} is unknown; choose from {list(choices)}")
     return value
+
+
+def _blocks_per_stage(value, n_levels: int) -> list[int]:
+    """model.blocks_per_stage as one count per stage: an int applies to every stage, a list gives each its own."""
+    counts = [value] * n_levels if isinstance(value, (int, np.integer)) else list(value)
+    if len(counts) != n_levels or any(not isinstance(c, (int, np.integer)) or c < 0 for c in counts):
+        raise ConfigError(f"model.blocks_per_stage={value!r}: give one count >= 0 for every stage, or a list of "
+                          f"{n_levels} (one per template level)")
+    return [int(c) for c in counts]
 
 
 def sample_at_joints(feat: torch.Tensor, uv: torch.Tensor, padding: str = "border") -> torch.Tensor:
@@ -164,7 +174,7 @@ class CoarseToFineRegressor(nn.Module):
 
     def __init__(self, template: MeshTemplate | dict, token_dim: int = 512,
                  widths: Sequence[int] = (512, 256, 128, 64, 32),
-                 cue_channels: Sequence[int] = (1024, 512, 256), blocks_per_stage: int = 2,
+                 cue_channels: Sequence[int] = (1024, 512, 256), blocks_per_stage: int | Sequence[int] = 2,
                  heads: int = 4, dropout: float = 0.0, detach_uv: bool = True,
                  cue_maps: str = "pyramid", cue_padding: str = "border", cue_placement: str = "before",
                  block: str = "torch", mlp_ratio: int = 4, head: str = "norm_linear",
@@ -187,6 +197,7 @@ class CoarseToFineRegressor(nn.Module):
             if w <= 3 or w % heads:
                 raise ConfigError(f"model.widths={list(widths)}: every stage width must be > 3 (3 channels hold the "
                                  f"template positions) and divisible by heads={heads}; {w} is not")
+        blocks = _blocks_per_stage(blocks_per_stage, n_levels)
         if not cue_channels:
             raise ValueError("cue_channels: give the channels of F3, F2, F1 (e.g. (1024, 512, 256) for resnet50)")
         self.cue_channels = [int(c) for c in cue_channels]
@@ -209,7 +220,7 @@ class CoarseToFineRegressor(nn.Module):
             pos = template.verts[idx]
             stages.append(_Stage(n_in=len(prev), n_out=len(idx), w_in=widths[l], w_out=widths[l + 1],
                                  cue_dim=cue_dim if cue_maps == "pyramid" else self.cue_channels[l],
-                                 blocks=blocks_per_stage, heads=heads, dropout=dropout,
+                                 blocks=blocks[l], heads=heads, dropout=dropout,
                                  up_init=_nearest_one_hot(pos, prev),
                                  spread_init=_nearest_one_hot(pos, template.joints), **stage_kw))
             prev = pos
