@@ -20,6 +20,24 @@ def test_pyramid_strides_and_channels(name, channels):
         assert f.shape == (1, c, 64 // s, 64 // s)
 
 
+def test_three_stages_end_at_layer3_and_load_a_full_torchvision_file(tmp_path):
+    torch.manual_seed(0)
+    ref = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "r18.pth"
+    torch.save(ref.state_dict(), path)  # layer4.* and fc.* are not part of a 3-stage encoder
+    net = ResNetBackbone(name="resnet18", pretrained=str(path), stages=3).eval()
+    assert not any(k.startswith("layer4.") for k in net.state_dict())
+    assert net.channels == [64, 64, 128, 256, 256] and net.strides == [4, 4, 8, 16, 16]
+    x = torch.randn(2, 3, 64, 64)
+    trunk = torch.nn.Sequential(*list(ref.children())[:-3]).eval()  # up to layer3
+    with torch.no_grad():
+        feats = net(x)
+        assert feats[4] is feats[3] and feats[4].shape == (2, 256, 4, 4)
+        assert torch.allclose(feats[4], trunk(x), atol=1e-6)
+    with pytest.raises(ValueError, match=r"model\.backbone_stages=2.*choose one of \[4, 3\]"):
+        ResNetBackbone(name="resnet18", stages=2)
+
+
 def test_unknown_name_lists_choices():
     with pytest.raises(ValueError, match="resnet18.*resnet34.*resnet50"):
         ResNetBackbone(name="resnet101")

@@ -32,11 +32,13 @@ def test_depth_conversions_round_trip_and_known_values():
     assert depth_to_unit(-r, r) == 0.0 and depth_to_unit(0.0, r) == 0.5 and depth_to_unit(r, r) == 1.0
 
 
-@pytest.mark.parametrize("size", [128, 256])
-def test_regressor_and_heads_shapes_on_real_pyramid(size):
+@pytest.mark.parametrize("size, stages, num_deconv", [(128, 4, 2), (256, 4, 2), (128, 3, 1), (64, 3, 1)])
+def test_regressor_and_heads_shapes_on_real_pyramid(size, stages, num_deconv):
     torch.manual_seed(0)
-    net = ResNetBackbone(name="resnet18")
-    reg = JointRegressor(in_channels=net.channels[4], deconv_channels=32, depth_bins=64)
+    net = ResNetBackbone(name="resnet18", stages=stages)
+    # either backbone, with its deconvolutions, lands on stride-8 heatmaps
+    reg = JointRegressor(in_channels=net.channels[4], deconv_channels=32, depth_bins=64, num_deconv=num_deconv,
+                         in_stride=net.strides[4])
     f4 = net(torch.randn(2, 3, size, size))[4]
     out = reg(f4)
     n = size // 8

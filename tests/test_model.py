@@ -37,9 +37,9 @@ def small_model(template, **kw):
     return CLIPHand3D(**args)
 
 
-def make_module(template, clip_weight=0.5):
+def make_module(template, clip_weight=0.5, **model_kw):
     torch.manual_seed(0)
-    model = small_model(template)
+    model = small_model(template, **model_kw)
     criterion = CLIPHand3DLoss(weights={"joints_coarse": 1.0, "joints": 1.0, "verts": 1.0, "stages": 0.5, "clip": clip_weight},
                                contrastive=PerAxisContrastiveLoss())
     encoder = TextEncoder(tower=TINY_TOWER, embed_dim=32)
@@ -62,9 +62,10 @@ def test_inference_path_needs_no_text(data):
     assert torch.allclose(out["joints"], J @ out["verts"], atol=1e-5)
 
 
-def test_gradients_reach_every_trainable_parameter_and_not_the_text_tower(data):
+@pytest.mark.parametrize("model_kw", [{}, {"backbone_stages": 3, "num_deconv": 1}])
+def test_gradients_reach_every_trainable_parameter_and_not_the_text_tower(data, model_kw):
     ds, template = data
-    module = make_module(template)
+    module = make_module(template, **model_kw)
     module.train()
     batch = batch_of(ds)
     # The adapters' last layers start at zero (identity adapters), which zeroes their first layers'

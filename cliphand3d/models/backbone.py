@@ -24,6 +24,7 @@ CHOICES: dict[str, list[int]] = {
     "resnet50": [64, 256, 512, 1024, 2048],
 }
 STRIDES = (4, 4, 8, 16, 32)
+STAGES = (4, 3)  # residual stages kept: all four, or up to layer3
 
 _OVERRIDE_HINT = ("set model.pretrained=null (random init) or "
                   "model.pretrained=/path/to/state_dict.pth (a local file)")
@@ -38,26 +39,39 @@ class ResNetBackbone(nn.Module):
 
     F0 is the stem after max-pooling (stride 4), F1..F4 are layer1..layer4 (strides 4, 8, 16, 32).
     Parameter names equal torchvision's, so torchvision checkpoints load as they are.
+
+    stages=3 stops after layer3: F4 is then layer3's map (stride 16) and there is no layer4. On small
+    crops layer4 works on a 2x2 map (64 px) yet holds most of the weights and half of ResNet-18's
+    forward+backward time; `channels` and `strides` describe the F4 actually returned.
     """
 
-    def __init__(self, name: str = "resnet50", pretrained: str | os.PathLike | None = None):
+    def __init__(self, name: str = "resnet50", pretrained: str | os.PathLike | None = None, stages: int = 4):
         super().__init__()
         if name not in CHOICES:
             raise ConfigError(f"model.backbone={name!r} is not supported; "
                              f"choose one of {sorted(CHOICES)}")
-        self.name = name
+        if stages not in STAGES:
+            raise ConfigError(f"model.backbone_stages={stages!r} is not supported; choose one of {list(STAGES)} "
+                              "(4: up to layer4, F4 at stride 32; 3: up to layer3, F4 at stride 16)")
+        self.name, self.stages = name, int(stages)
         self.channels: list[int] = list(CHOICES[name])
         self.strides: list[int] = list(STRIDES)
         net = getattr(torchvision.models, name)(weights=None)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
-        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
+        if self.stages == 4:
+            self.layer4 = net.layer4
+        else:
+            self.channels[4], self.strides[4] = self.channels[3], self.strides[3]
         if pretrained is not None and str(pretrained) != "":
             state, source = resolve_pretrained(name, pretrained)
             self._load(state, source)
 
     def _load(self, state: dict, source: str) -> None:
-        # The classifier is not part of the encoder; ignoring it lets full torchvision files load.
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        # The classifier is not part of the encoder; ignoring it lets full torchvision files load, as
+        # a truncated backbone ignores the layers it does not have.
+        unused = ("fc.",) if self.stages == 4 else ("fc.", "layer4.")
+        state = {k: v for k, v in state.items() if not k.startswith(unused)}
         own = self.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
@@ -74,7 +88,7 @@ class ResNetBackbone(nn.Module):
         f1 = self.layer1(f0)
         f2 = self.layer2(f1)
         f3 = self.layer3(f2)
-        f4 = self.layer4(f3)
+        f4 = self.layer4(f3) if self.stages == 4 else f3
         return [f0, f1, f2, f3, f4]
 
 

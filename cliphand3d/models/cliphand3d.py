@@ -37,6 +37,7 @@ class CLIPHand3D(nn.Module):
         img_size: int = 256,
         backbone: str = "resnet50",
         pretrained: str | None = None,
+        backbone_stages: int = 4,
         deconv_channels: int = 256,
         num_deconv: int = 2,
         depth_bins: int = 64,
@@ -74,11 +75,12 @@ class CLIPHand3D(nn.Module):
         self.img_size = int(img_size)
         self.depth_range = float(depth_range)
         self.axes = tuple(axes)
-        self.backbone = ResNetBackbone(name=backbone, pretrained=pretrained)
+        self.backbone = ResNetBackbone(name=backbone, pretrained=pretrained, stages=backbone_stages)
         ch = self.backbone.channels
         self.joint_regressor = JointRegressor(in_channels=ch[4], deconv_channels=deconv_channels,
                                               num_deconv=num_deconv, depth_bins=depth_bins, z_head=z_head,
-                                              coord_units=coord_units, bin_offset=bin_offset)
+                                              coord_units=coord_units, bin_offset=bin_offset,
+                                              in_stride=self.backbone.strides[4])
         bins = self.joint_regressor.bins(self.img_size)
         self.pose_heads = PoseFeatureHeads(bins={a: bins[a] for a in self.axes}, embed_dim=embed_dim,
                                            axes=self.axes)

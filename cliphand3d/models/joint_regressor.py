@@ -54,7 +54,8 @@ def unit_to_depth(z01, depth_range: float):
 class JointRegressor(nn.Module):
     """F4 -> {"uvz": (B, J, 3) in [0, 1]^3, "logits": {"x": (B, J, W), "y": (B, J, H), "z": (B, J, D)}}.
 
-    x/y: `num_deconv` stride-2 deconvolutions lift F4 (stride 32) to stride 32 / 2**num_deconv,
+    x/y: `num_deconv` stride-2 deconvolutions lift F4 (stride `in_stride`: 32, or 16 for a backbone
+    cut after layer3) to stride in_stride / 2**num_deconv,
     the map is averaged over the other image axis and a 1x1 conv1d gives per-joint 1D logits.
     z: globally pooled F4 -> Linear -> per-joint depth logits over `depth_bins` (z_head, Z_HEADS).
     coord_units / bin_offset: the soft-argmax convention (COORD_UNITS, `soft_argmax_1d`); "uvz" is
@@ -63,14 +64,14 @@ class JointRegressor(nn.Module):
 
     def __init__(self, in_channels: int, num_joints: int = 21, deconv_channels: int = 256,
                  num_deconv: int = 2, depth_bins: int = 64, z_head: str = "linear",
-                 coord_units: str = "unit", bin_offset: float = 0.5):
+                 coord_units: str = "unit", bin_offset: float = 0.5, in_stride: int = 32):
         super().__init__()
         if z_head not in Z_HEADS:
             raise ConfigError(f"model.z_head={z_head!r} is unknown; choose from {list(Z_HEADS)}")
         if coord_units not in COORD_UNITS:
             raise ConfigError(f"model.coord_units={coord_units!r} is unknown; choose from {list(COORD_UNITS)}")
         self.in_channels, self.num_joints, self.depth_bins = in_channels, num_joints, depth_bins
-        self.num_deconv = num_deconv
+        self.num_deconv, self.in_stride = num_deconv, int(in_stride)
         self.z_head, self.coord_units, self.bin_offset = z_head, coord_units, float(bin_offset)
         layers: list[nn.Module] = []
         c = in_channels
@@ -89,7 +90,7 @@ class JointRegressor(nn.Module):
 
     def bins(self, image_size: int) -> dict[str, int]:
         """Heatmap lengths per axis for a square `image_size` input (feeds PoseFeatureHeads)."""
-        n = -(-image_size // 32) * 2 ** self.num_deconv  # ResNet F4 side is ceil(S / 32)
+        n = -(-image_size // self.in_stride) * 2 ** self.num_deconv  # ResNet F4 side is ceil(S / stride)
         return {"x": n, "y": n, "z": self.depth_bins}
 
     def forward(self, f4: torch.Tensor) -> dict:
