@@ -101,6 +101,15 @@ def test_each_variant_is_what_it_says_and_nothing_else(name):
 
 
 @pytest.mark.skipif(not has_submitit(), reason="hydra-submitit-launcher is not installed (pip install -e '.[sweep]')")
+def test_the_sweep_keeps_the_model_and_data_its_table_was_made_with():
+    # docs/RESULTS.md was run at the default of commit 014a36b; the default has been re-sized since
+    cfg = variant_config("clip_demo")
+    made_with = {"model.backbone": "resnet18", "model.backbone_stages": 4, "model.num_deconv": 2,
+                 "model.blocks_per_stage": 1, "model.heads": 1, "data.img_size": 64, "data.render_size": 224,
+                 "trainer.max_steps": 600, "trainer.batch_size": 32}
+    assert {k: OmegaConf.select(cfg, k) for k in made_with} == made_with
+
+
 def test_launcher_configs_run_jobs_one_at_a_time_here_and_as_an_array_on_slurm():
     local = compose_train(["+experiment=ablation", "hydra/launcher=ablation_local"], hydra_config=True)
     assert local.hydra.launcher._target_.endswith("LocalLauncher")

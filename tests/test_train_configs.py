@@ -170,3 +170,21 @@ def test_best_pt_follows_the_monitor_direction(monitor, tmp_path):
     assert load_checkpoint(tmp_path / "checkpoints" / "best.pt")["train_state"]["step"] == want
     assert higher_is_better("auc_pa_0_50") and higher_is_better("f5") and higher_is_better("retrieval_x")
     assert not higher_is_better("pa_mpjpe_mm") and not higher_is_better("epe_median_mm")
+
+
+# The settings of the default at commit d44908f, before issue #10's speed work: experiment/synthetic_v0
+# must keep reproducing them, or benchmark row "v0 / tiny" stops measuring the speed-up it names.
+DEFAULT_AT_D44908F = {
+    "data.img_size": 96, "data.render_size": 224, "data.num_train": 32560, "data.view": "upright",
+    "model.backbone": "resnet18", "model.backbone_stages": 4, "model.num_deconv": 2, "model.widths": [128, 64, 32, 32, 16], "model.token_dim": 128,
+    "model.deconv_channels": 128, "model.depth_bins": 32, "model.joint_feature_hidden": 64,
+    "model.blocks_per_stage": 1, "model.heads": 2, "model.channels_last": False, "optim.fused": False,
+    "trainer.max_steps": 900, "trainer.batch_size": 32, "trainer.num_workers": 1,
+}
+
+
+def test_synthetic_v0_keeps_the_default_as_it_was_before_the_speed_work():
+    cfg = compose_train(["+experiment=synthetic_v0", "run_dir=/tmp/unused"])
+    got = {k: OmegaConf.to_object(v) if OmegaConf.is_config(v := OmegaConf.select(cfg, k)) else v
+           for k in DEFAULT_AT_D44908F}
+    assert got == DEFAULT_AT_D44908F
