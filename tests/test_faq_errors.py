@@ -315,7 +315,7 @@ def _(ctx):
     from cliphand3d.models.joint_features import JointFeatures
     from cliphand3d.models.joint_regressor import JointRegressor
 
-    return [printed(lambda: ResNetBackbone(name="resnet101")),
+    return [printed(lambda: ResNetBackbone(name="resnet101")), printed(lambda: ResNetBackbone(name="resnet18", stages=5)),
             printed(lambda: JointRegressor(in_channels=8, z_head="mlp")),
             printed(lambda: regressor._choice("cue_maps", "all", regressor.CUE_MAPS)),
             printed(lambda: JointFeatures(in_channels=8, impl="fast")),
@@ -330,7 +330,8 @@ def _(ctx):
     template = joints_only_template(np.random.default_rng(0).normal(size=(8, 21, 3)) * 0.05 + [0, 0, 0.5])
     kw = dict(template=template, img_size=64, backbone="resnet18", depth_bins=16, deconv_channels=16,
               joint_feature_hidden=16, token_dim=32, heads=2, embed_dim=32)
-    return [printed(lambda: CLIPHand3D(widths=(32, 16), **kw)), printed(lambda: CLIPHand3D(widths=(32, 16, 15, 8, 8), **kw))]
+    return [printed(lambda: CLIPHand3D(widths=(32, 16), **kw)), printed(lambda: CLIPHand3D(widths=(32, 16, 15, 8, 8), **kw)),
+            printed(lambda: CLIPHand3D(widths=(32, 16, 16, 8, 8), blocks_per_stage=[1, 0], **kw))]
 
 
 @faq("text-tower")
