@@ -3,7 +3,8 @@
 Reports the median over repeats of the mean ms/sample over `--num` consecutive indices, and writes a
 grid of 16 samples (optionally with the projected skeleton) to look at.
 
-    python benchmarks/bench_render.py                       # 224 px, 500 samples x 5 repeats
+    python benchmarks/bench_render.py                       # 128 px (the default data.render_size), 500 x 5
+    python benchmarks/bench_render.py --size 224            # FreiHAND-sized renders (the default before issue #10)
     python benchmarks/bench_render.py --num 100 --repeats 1 # quick check
 """
 from __future__ import annotations
@@ -48,7 +49,7 @@ def grid(seed: int, size: int, overlay: bool) -> np.ndarray:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=int, default=224, help="image side in px")
+    ap.add_argument("--size", type=int, default=128, help="image side in px (data.render_size)")
     ap.add_argument("--num", type=int, default=500, help="samples per repeat")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--num-verts", type=int, default=778)

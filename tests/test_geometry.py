@@ -98,6 +98,10 @@ def test_mirror_lr_round_trip_and_pixels():
     assert np.allclose(uv_m[:, 0], 40 - 1 - uv[:, 0]) and np.allclose(uv_m[:, 1], uv[:, 1])
     back_img, back_xyz, back_K = G.mirror_lr(flipped, xyz_m, K_m, width=40)
     assert np.array_equal(back_img, img) and np.allclose(back_xyz, xyz) and np.allclose(back_K, K0)
+    # every image type flips to exactly image[:, ::-1], through OpenCV or numpy
+    for im in (img[..., 0], img.astype(np.float32), img.astype(bool), rng.random((6, 5, 7))):
+        out = G.mirror_lr(im, xyz, K0, width=im.shape[1])[0]
+        assert out.dtype == im.dtype and out.flags.c_contiguous and np.array_equal(out, im[:, ::-1])
 
 
 def _scorer_reference(gt, pred):
