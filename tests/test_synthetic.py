@@ -275,6 +275,12 @@ def test_box_from_mask_equals_the_box_around_every_pixel():
         n = int(rng.integers(1, 20))
         mask[rng.integers(0, mask.shape[0], n), rng.integers(0, mask.shape[1], n)] = 1
         ys, xs = np.nonzero(mask)
-        assert box_from_mask(mask) == square_box(np.stack([xs, ys], 1), scale=1.0)
-    with pytest.raises(ValueError, match="no points"):
-        box_from_mask(np.zeros((4, 4), np.uint8))
+        want = square_box(np.stack([xs, ys], 1), scale=1.0)
+        # uint8 and bool go through OpenCV, other types through numpy; views need not be contiguous
+        for m in (mask, mask > 0, mask.astype(np.int32), (mask > 0)[:, ::-1][:, ::-1], mask.T.T):
+            assert box_from_mask(m) == want
+        flipped = mask[:, ::-1]
+        assert box_from_mask(flipped) == square_box(np.stack([mask.shape[1] - 1 - xs, ys], 1), scale=1.0)
+    for empty in (np.zeros((4, 4), np.uint8), np.zeros((4, 4), bool), np.zeros((4, 4), np.int32)):
+        with pytest.raises(ValueError, match="no points"):
+            box_from_mask(empty)

@@ -289,6 +289,16 @@ def test_rhd_picks_the_hand_with_more_pixels(rhd_root, tmp_path):
     np.testing.assert_allclose(raw.xyz, want, atol=1e-6)
 
 
+def test_rhd_hand_pixel_counts_are_the_pixels_of_each_id_range():
+    rng = np.random.default_rng(0)
+    for dtype in (np.uint8, np.uint16):
+        mask = rng.integers(0, 40, size=(50, 70)).astype(dtype)
+        for lo_hi, side in ((rhd_mod.LEFT_IDS, "left"), (rhd_mod.RIGHT_IDS, "right")):
+            want = sum(int((mask == k).sum()) for k in range(lo_hi[0], lo_hi[1] + 1))
+            assert rhd_mod.hand_pixel_counts(mask)[side] == want
+            assert rhd_mod.hand_pixel_counts(mask[:, ::-1])[side] == want
+
+
 def test_rhd_depth_code(rhd_root):
     d = np.random.default_rng(0).uniform(0, 4.99, (7, 9))
     np.testing.assert_allclose(decode_depth(encode_depth(d)), d, atol=5 / 65535 / 2 + 1e-7)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from ..geometry import mirror_lr, project, square_box
@@ -52,6 +53,10 @@ def read_depth(path: str | Path) -> np.ndarray:
 
 
 def hand_pixel_counts(mask: np.ndarray) -> dict[str, int]:
+    if mask.dtype == np.uint8 and mask.ndim == 2:  # one histogram pass (OpenCV) instead of four array scans
+        hist = cv2.calcHist([np.ascontiguousarray(mask)], [0], None, [256], [0, 256]).ravel()
+        return {"left": int(hist[LEFT_IDS[0]:LEFT_IDS[1] + 1].sum()),
+                "right": int(hist[RIGHT_IDS[0]:RIGHT_IDS[1] + 1].sum())}
     return {"left": int(((mask >= LEFT_IDS[0]) & (mask <= LEFT_IDS[1])).sum()),
             "right": int(((mask >= RIGHT_IDS[0]) & (mask <= RIGHT_IDS[1])).sum())}
 
@@ -191,11 +196,14 @@ class RHD(HandDataset):
         xyz = rhd_to_mpii(self.xyz[index, slots])
         uv_vis = rhd_to_mpii(self.uv_vis[index, slots])
         K, uv, own = self.K[index], uv_vis[:, :2].copy(), hand_mask(mask, side)
+        box = box_from_mask(own) if own.any() else None
         if side == "left":
             width = mask.shape[1]
             image, xyz, K = mirror_lr(image, xyz, K, width)
-            own = own[:, ::-1]
             uv[:, 0] = width - 1 - uv[:, 0]
-        box = box_from_mask(own) if own.any() else square_box(project(xyz, K), scale=1.0)
+            if box is not None:  # the box of the flipped mask, without flipping the mask
+                box = (width - 1 - box[0], box[1], box[2])
+        if box is None:
+            box = square_box(project(xyz, K), scale=1.0)
         return RawSample(image=image, K=K, xyz=xyz, box=box, file=str(self.color_path(index)),
                          visible=uv_vis[:, 2] > 0, extra={"side": side, "id": self.ids[index], "uv": uv})
