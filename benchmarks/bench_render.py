@@ -4,7 +4,7 @@ Reports the median over repeats of the mean ms/sample over `--num` consecutive i
 grid of 16 samples (optionally with the projected skeleton) to look at.
 
     python benchmarks/bench_render.py                       # 128 px (the default data.render_size), 500 x 5
-    python benchmarks/bench_render.py --size 224            # FreiHAND-sized renders (the default before issue #10)
+    python benchmarks/bench_render.py --size 224            # FreiHAND-sized renders (the earlier default)
     python benchmarks/bench_render.py --num 100 --repeats 1 # quick check
 """
 from __future__ import annotations
@@ -16,7 +16,8 @@ import time
 import cv2
 import numpy as np
 
-from cliphand3d.data.synthetic import render, sample_hand
+from cliphand3d.data.render import render
+from cliphand3d.data.synthetic import sample_hand
 from cliphand3d.geometry import project
 from cliphand3d.skeleton import BONES
 

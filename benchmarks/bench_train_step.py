@@ -1,7 +1,7 @@
 """Wall time of one training step of a composed train config, as `scripts/train.py` runs it.
 
 Builds the run's data, model, text branch and loss from `configs/train.yaml` plus overrides, then
-times consecutive steps of `engine.train_one_epoch` (data loading, forward, backward, optimiser, EMA
+times consecutive steps of `train.loop.train_one_epoch` (data loading, forward, backward, optimiser, EMA
 and every per-step check included). Reports the median and quartiles of the step interval after
 `--warmup` steps.
 
@@ -11,7 +11,7 @@ and every per-step check included). Reports the median and quartiles of the step
 
 To compare two checkouts on the same CPU, run this file against each in turn, with the other
 checkout first on PYTHONPATH and its `--config-dir`; interleave repeats (A B A B) so that drift in
-the machine's state hits both alike (a checkout older than cliphand3d.benchmark: run its own copy of
+the machine's state hits both alike (a checkout older than cliphand3d.apps.benchmark: run its own copy of
 this file). Two configs of one checkout: `python scripts/benchmark.py sections=[train_step]` with both
 as train_step.variants, which interleaves them for you.
 """
@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from cliphand3d.benchmark import cpu_name, time_steps, vector_extensions
+from cliphand3d.apps.benchmark.machine import cpu_name, vector_extensions
+from cliphand3d.apps.benchmark.runs import time_steps
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,17 +1,27 @@
-"""Config -> objects, shared by training and evaluation. Hydra `_target_` builds each leaf; these
+"""Config -> objects, shared by training, evaluation and the apps. Hydra `_target_` builds each leaf; these
 functions only pass along what one leaf needs from another (image size, embedding width, template).
+
+The one place that composes configs (`compose_config`) and instantiates them, and the one place that turns
+a checkpoint back into a model (`load_model`) or a text branch (`text_branch_from_checkpoint`).
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 
-from hydra.utils import instantiate
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .data.base import DatasetError
-from .errors import ConfigError
+from .checkpoint.io import load_checkpoint
+from .checkpoint.state import adapter_weights, head_weights, model_weights, template_from_state
+from .checkpoint.weights import load_model_weights
+from .errors import CheckpointError, ConfigError, DatasetError
 from .models.template import MeshTemplate, load_or_build_template
+from .models.training import TextBranch, TrainingModule
 
 log = logging.getLogger(__name__)
 
@@ -19,20 +29,22 @@ log = logging.getLogger(__name__)
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def compose_config(name: str, overrides=()) -> DictConfig:
+def compose_config(name: str, overrides=(), *, fresh: bool = False) -> DictConfig:
     """configs/<name>.yaml composed with `overrides`, inside a running Hydra app (its config search path)
-    or outside one (tests, notebooks: CONFIGS)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
+    or outside one (tests, notebooks: CONFIGS). fresh=True always composes from CONFIGS, dropping any Hydra
+    state a caller left behind (the released import: its preset is defined by this repository's configs)."""
+    overrides = [str(o) for o in overrides]
     if GlobalHydra.instance().is_initialized():
-        return compose(config_name=name, overrides=list(overrides))
+        if not fresh:
+            return compose(config_name=name, overrides=overrides)
+        GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(config_name=name, overrides=list(overrides))
+        return compose(config_name=name, overrides=overrides)
 
 
-def build_prompts(cfg: DictConfig):
-    return instantiate(cfg.prompt) if cfg.get("prompt") is not None else None
+def build_prompts(cfg: DictConfig, **overrides):
+    """The prompt generator (`prompt` group, with keyword `overrides`), or None without a prompt config."""
+    return instantiate(cfg.prompt, **overrides) if cfg.get("prompt") is not None else None
 
 
 # The entries of every data config: train, val (held out of the training data: validation and best.pt)
@@ -47,18 +59,20 @@ def check_split(split: str) -> str:
     return split
 
 
+def build_dataset(cfg: DictConfig, split: str, prompts=None):
+    """The data group's entry `split`, given the prompt generator."""
+    node = cfg.data.get(check_split(split))
+    if node is None:
+        raise DatasetError(f"data.{split} is missing from the data config ({cfg.data.get('name', '?')}); a "
+                           "checkpoint trained before the train/val/test split stores such a config: pass "
+                           "data=<name> to eval.py to evaluate with the current data config")
+    return instantiate(node, prompts=prompts)
+
+
 def build_datasets(cfg: DictConfig, prompts=None, splits=("train", "val")):
     """The data group's entries named in `splits` (default: what training uses, never test), each given
     the prompt generator."""
-    out = {}
-    for split in splits:
-        node = cfg.data.get(check_split(split))
-        if node is None:
-            raise DatasetError(f"data.{split} is missing from the data config ({cfg.data.get('name', '?')}); a "
-                               "checkpoint trained before the train/val/test split stores such a config: pass "
-                               "data=<name> to eval.py to evaluate with the current data config")
-        out[split] = instantiate(node, prompts=prompts)
-    return out
+    return {split: build_dataset(cfg, split, prompts) for split in splits}
 
 
 def template_labels(dataset, max_samples: int):
@@ -98,9 +112,18 @@ def build_text(cfg: DictConfig):
     """(text encoder, adapters) or (None, None) when the contrastive term is off."""
     if not text_branch_on(cfg):
         return None, None
-    encoder = instantiate(cfg.text.encoder)
-    adapters = instantiate(cfg.text.adapters, embed_dim=encoder.embed_dim, axes=list(cfg.prompt.axes))
-    return encoder, adapters
+    encoder = build_text_encoder(cfg)
+    return encoder, build_adapters(cfg, encoder.embed_dim)
+
+
+def build_text_encoder(cfg: DictConfig):
+    """The frozen CLIP text tower (text.encoder)."""
+    return instantiate(cfg.text.encoder)
+
+
+def build_adapters(cfg: DictConfig, embed_dim: int):
+    """The trainable per-axis text adapters (text.adapters), one per prompt axis."""
+    return instantiate(cfg.text.adapters, embed_dim=embed_dim, axes=list(cfg.prompt.axes))
 
 
 def text_branch_on(cfg: DictConfig) -> bool:
@@ -124,10 +147,41 @@ def build_criterion(cfg: DictConfig):
     return instantiate(cfg.loss, _convert_="all")
 
 
+def build_training_module(cfg: DictConfig, template: MeshTemplate | dict) -> tuple[TrainingModule, TextBranch | None]:
+    """Everything that trains, as train.py builds it: the model, the text encoder and adapters, the loss
+    (TrainingModule freezes what only zero-weighted terms train); and the text branch validation scores
+    retrieval with (None when the contrastive term is off)."""
+    model = build_model(cfg, template)
+    encoder, adapters = build_text(cfg)
+    module = TrainingModule(model, build_criterion(cfg), encoder, adapters)
+    return module, (TextBranch(encoder, adapters) if encoder is not None else None)
+
+
+def text_branch_from_checkpoint(run: DictConfig, ckpt: dict, device: torch.device) -> TextBranch | None:
+    """The frozen text encoder (from config) and the trained adapters (from the checkpoint), for retrieval;
+    None when the checkpoint trained no text branch. Without the text weights (offline, no local file)
+    retrieval is skipped with a warning: pose metrics still stand."""
+    heads = adapter_weights(ckpt)
+    if not heads:
+        return None
+    try:
+        encoder = build_text_encoder(run)
+    except Exception as e:  # noqa: BLE001 - the text tower is optional for evaluation
+        log.warning("retrieval skipped: the text encoder cannot be built (%s)", str(e).splitlines()[0])
+        return None
+    adapters = build_adapters(run, encoder.embed_dim)
+    adapters.load_state_dict(heads)
+    return TextBranch(encoder.to(device), adapters.to(device).eval())
+
+
+def model_overrides(cfg: DictConfig) -> list[str]:
+    """eval.yaml's (demo.yaml's, export.yaml's) non-null `model.*` entries as overrides of the checkpoint's
+    model config."""
+    return [f"+model.{k}={v}" for k, v in (cfg.get("model") or {}).items() if v is not None]
+
+
 def checkpoint_config(ckpt: dict, where: str, overrides=()) -> DictConfig:
     """A checkpoint's stored config with `overrides` ("model.coord_units=unit", ...) applied."""
-    from .checkpoint import CheckpointError
-
     if "config" not in ckpt or "model" not in ckpt:
         raise CheckpointError(f"{where} is not a cliphand3d checkpoint (no 'config'/'model' entries); pass a "
                               "last.pt / best.pt written by scripts/train.py or a file written by "
@@ -154,11 +208,6 @@ def model_from_checkpoint(path, overrides=(), device="cpu", use_ema: bool = True
 
 def load_model(path, overrides=(), device="cpu", use_ema: bool = True):
     """(eval-mode model, config used, checkpoint dict): model_from_checkpoint for callers that need more."""
-    import torch
-
-    from .checkpoint import load_checkpoint, load_model_weights
-    from .trainer import template_from_state
-
     ckpt = load_checkpoint(path)
     cfg = checkpoint_config(ckpt, str(path), overrides)
     check_model_config(cfg, str(path))
@@ -166,10 +215,7 @@ def load_model(path, overrides=(), device="cpu", use_ema: bool = True):
     if "pretrained" in built.model:  # the checkpoint brings every weight: never fetch ImageNet ones
         built.model.pretrained = None
     model = build_model(built, template_from_state(ckpt["template"]))
-    weights = ckpt["model"]
-    if use_ema and ckpt.get("ema") and "module" in ckpt["ema"]:
-        weights = ckpt["ema"]["module"]
-    load_model_weights(model, weights, str(path))
+    load_model_weights(model, model_weights(ckpt, use_ema), str(path))
     return model.to(torch.device(device)).eval(), cfg, ckpt
 
 
@@ -181,12 +227,6 @@ def check_model_config(cfg: DictConfig, where: str) -> None:
     """A checkpoint's stored `model` config against the model class it names, before anything is built:
     keys the current code no longer takes (a config from an older or newer cliphand3d) and required ones
     it lacks are listed in one CheckpointError; keys it lacks that have defaults are logged."""
-    import inspect
-
-    from hydra.utils import get_class
-
-    from .checkpoint import CheckpointError
-
     target = cfg.model.get("_target_") if OmegaConf.is_dict(cfg.get("model")) else None
     try:
         params = inspect.signature(get_class(str(target))).parameters
@@ -246,11 +286,9 @@ def adopt_init_config(cfg: DictConfig, init_cfg, cli_overrides=()) -> DictConfig
 def load_init_weights(module, ckpt: dict, where: str) -> list[str]:
     """Model weights (strict, listing every difference) and the training heads the checkpoint has
     (adapters, logit scales) into a TrainingModule; returns the heads that start fresh."""
-    from .checkpoint import load_model_weights
-
     load_model_weights(module.model, ckpt["model"], where)
     own = {k: v for k, v in module.state_dict().items() if not k.startswith("model.")}
-    heads = {k: v for k, v in ckpt.get("train_heads", {}).items()
+    heads = {k: v for k, v in head_weights(ckpt).items()
              if k in own and tuple(v.shape) == tuple(own[k].shape)}
     module.load_state_dict(heads, strict=False)
     return sorted(k for k in own if k not in heads)

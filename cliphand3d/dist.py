@@ -1,7 +1,7 @@
 """Rank helpers and feature gathering for torch.distributed.
 
 Every helper works unchanged in a single process (not initialised, or world size 1): ranks are 0,
-the world is 1 and gathers return their input. DDP set-up lives here too (added separately).
+the world is 1 and gathers return their input. DDP set-up lives here too.
 
 Gradient convention of `all_gather_with_grad`: each rank computes the same loss on the gathered
 (global) batch, and the backward pass sums, over ranks, the gradient reaching each rank's slice.
@@ -10,6 +10,8 @@ that saw the concatenated batch, so a contrastive term keeps its weight relative
 terms (which DDP also averages) at any world size.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
@@ -108,8 +110,6 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
     Returns (rank, world_size, local_rank); a plain `python scripts/train.py` gets (0, 1, 0) and no
     process group. Backend: NCCL when CUDA is present, gloo otherwise, unless given.
     """
-    import os
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, 0

@@ -219,8 +219,6 @@ def per_sample_errors(pred_xyz, gt_xyz, visible=None) -> dict[str, np.ndarray]:
         }
 
 
-
-
 def freihand_metrics(pred_xyz, gt_xyz, pred_verts=None, gt_verts=None) -> dict[str, float]:
     """FreiHAND protocol (official scorer). Joint keys always; vertex keys when both vertex sets are given.
 
@@ -391,8 +389,7 @@ def retrieval_by_batch(pose_feats, text_feats, prompts: Sequence[str] | None = N
 
 # --------------------------------------------------------------------------- 2D keypoints (demo)
 def mean_error_2d(pred_uv, gt_uv) -> tuple[float, np.ndarray]:
-    """Mean Euclidean 2D keypoint error over samples and keypoints, and the per-sample means (N,), in the
-    inputs' units (pixels). (N, P, 2) or (P, 2) both."""
+    """Mean 2D keypoint error and the per-sample means (N,), in the inputs' units (pixels); (N, P, 2) or (P, 2)."""
     p, g = _as_float64(pred_uv, "pred_uv"), _as_float64(gt_uv, "gt_uv")
     p, g = (a[None] if a.ndim == 2 else a for a in (p, g))
     if p.shape != g.shape or p.ndim != 3 or p.shape[-1] != 2 or p.shape[0] == 0:

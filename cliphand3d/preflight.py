@@ -17,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import metrics
 from .build import DATA_SPLITS, text_branch_on
-from .errors import ConfigError  # noqa: F401 - its home is errors.py; callers import it from here too
+from .errors import ConfigError
+from .models.text_encoder import tower_context_length as open_clip_context_length
 from .skeleton import NUM_JOINTS
 
 BACKBONE_STRIDE = 32  # ResNet F4 (cliphand3d.models.backbone.STRIDES[-1])
@@ -37,7 +38,7 @@ def metric_names(protocol: str, has_verts: bool) -> list[str]:
 
 def monitor_choices(cfg: DictConfig) -> list[str]:
     """Every validation metric a run with `cfg` reports: the protocol of the validation set's class,
-    plus retrieval per axis when the text branch is on (trainer.validate)."""
+    plus retrieval per axis when the text branch is on (evaluation.scoring.validate)."""
     val_class = get_class(cfg.data.val._target_)
     names = metric_names(getattr(val_class, "protocol", "freihand"), bool(getattr(val_class, "has_verts", False)))
     if text_branch_on(cfg):
@@ -47,11 +48,9 @@ def monitor_choices(cfg: DictConfig) -> list[str]:
 
 def tower_context_length(cfg: DictConfig) -> int:
     """Token context of the text tower `text.encoder` builds, from its open_clip config and overrides."""
-    from .models.text_encoder import tower_context_length as from_open_clip
-
     enc = cfg.text.encoder
     tower = OmegaConf.to_container(enc.tower, resolve=True) if enc.get("tower") is not None else None
-    return from_open_clip(str(enc.model_name), tower)
+    return open_clip_context_length(str(enc.model_name), tower)
 
 
 def _monitor_problem(cfg: DictConfig) -> str | None:

@@ -3,12 +3,12 @@
 import hydra
 from omegaconf import DictConfig
 
+from cliphand3d.apps.benchmark.run import markdown, run_benchmark
+from cliphand3d.apps.cli import friendly_errors
+
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="benchmark")
 def main(cfg: DictConfig) -> None:
-    from cliphand3d.benchmark import markdown, run_benchmark
-    from cliphand3d.cli import friendly_errors
-
     with friendly_errors():
         results = run_benchmark(cfg)
     print(markdown(results), end="")

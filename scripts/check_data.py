@@ -1,7 +1,7 @@
 """The data doctor: python scripts/check_data.py data=freihand data.root=/path/to/FreiHAND_pub_v2
 
 Checks the layout, prints counts per split, writes a grid of samples to `out=` and exits non-zero
-when anything is wrong (configs/check_data.yaml; the checks live in cliphand3d.data.doctor).
+when anything is wrong (configs/check_data.yaml; the checks live in cliphand3d.apps.doctor).
 """
 from __future__ import annotations
 
@@ -9,17 +9,17 @@ import functools
 import sys
 
 import hydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from cliphand3d.build import DATA_SPLITS
-from cliphand3d.data import doctor
+from cliphand3d.apps import doctor
+from cliphand3d.build import DATA_SPLITS, build_dataset, build_prompts
 
 
 @hydra.main(config_path="../configs", config_name="check_data", version_base=None)
 def main(cfg: DictConfig) -> None:
     data = cfg.data
-    builders = {split: functools.partial(instantiate, data[split]) for split in DATA_SPLITS if split in data}
+    prompts = build_prompts(cfg)
+    builders = {split: functools.partial(build_dataset, cfg, split, prompts) for split in DATA_SPLITS if split in data}
     check_kwargs = {}
     if data.format == "freihand":
         check_kwargs = {"versions": list(data.versions),

@@ -1,6 +1,6 @@
 """Run a checkpoint on images, a folder or a video: `python scripts/demo.py ckpt=PATH input=PATH out=DIR`.
 
-Writes skeleton pictures, 3D views and a JSON per input (configs/demo.yaml, cliphand3d/demo.py). A broken
+Writes skeleton pictures, 3D views and a JSON per input (configs/demo.yaml, cliphand3d/apps/demo/). A broken
 input is reported and skipped; the exit status is 1 when any failed.
 """
 import sys
@@ -8,12 +8,12 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from cliphand3d.apps.cli import friendly_errors
+from cliphand3d.apps.demo.run import run_demo
+
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="demo")
 def main(cfg: DictConfig) -> None:
-    from cliphand3d.cli import friendly_errors
-    from cliphand3d.demo import run_demo
-
     with friendly_errors():
         failed, total, reasons = run_demo(cfg)
     if failed:

@@ -2,12 +2,12 @@
 import hydra
 from omegaconf import DictConfig
 
+from cliphand3d.apps.cli import friendly_errors
+from cliphand3d.evaluation.run import run_eval
+
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from cliphand3d.cli import friendly_errors
-    from cliphand3d.evaluate import run_eval
-
     with friendly_errors():
         run_eval(cfg)
 

@@ -1,17 +1,17 @@
 """Export a checkpoint's inference path: `python scripts/export.py ckpt=PATH format=onnx out=FILE.onnx`.
 
-configs/export.yaml, cliphand3d/export.py. With check=true (default) the exit status is 1 when the file's
+configs/export.yaml, cliphand3d/apps/export.py. With check=true (default) the exit status is 1 when the file's
 outputs differ from PyTorch's by more than 1e-4.
 """
 import hydra
 from omegaconf import DictConfig
 
+from cliphand3d.apps.cli import friendly_errors
+from cliphand3d.apps.export import run_export
+
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="export")
 def main(cfg: DictConfig) -> None:
-    from cliphand3d.cli import friendly_errors
-    from cliphand3d.export import run_export
-
     with friendly_errors():
         res = run_export(cfg)
     print(f"wrote {res['out']}: images (batch, 3, {res['img_size']}, {res['img_size']}) in [-1, 1] -> "

@@ -1,16 +1,16 @@
 """Import the authors' released weights: `python scripts/import_checkpoint.py src=PATH.pth.tar out=PATH.pt`.
 
 Extra `key=value` arguments override the released preset's config (e.g. model.coord_units=unit).
-What the import maps and drops: cliphand3d/released.py and docs/released.md.
+What the import maps and drops: cliphand3d/apps/released.py and docs/released.md.
 """
 import json
 import sys
 
+from cliphand3d.apps.cli import friendly_errors
+from cliphand3d.apps.released import import_released
+
 
 def main(argv):
-    from cliphand3d.cli import friendly_errors
-    from cliphand3d.released import import_released
-
     args = dict(a.split("=", 1) for a in argv if a.startswith(("src=", "out=")))
     overrides = [a for a in argv if not a.startswith(("src=", "out="))]
     if set(args) != {"src", "out"}:

@@ -4,7 +4,7 @@
 """
 import sys
 
-from cliphand3d.summarize import main
+from cliphand3d.apps.summarize import main
 
 if __name__ == "__main__":
     sys.exit(main())

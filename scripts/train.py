@@ -2,12 +2,12 @@
 import hydra
 from omegaconf import DictConfig
 
+from cliphand3d.apps.cli import friendly_errors
+from cliphand3d.train.run import train
+
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from cliphand3d.cli import friendly_errors
-    from cliphand3d.trainer import train
-
     with friendly_errors():
         train(cfg)
 

@@ -5,7 +5,9 @@ import torch
 import torchvision
 
 from cliphand3d.models import backbone as bb
-from cliphand3d.models.backbone import PretrainedWeightsError, ResNetBackbone
+from cliphand3d.errors import PretrainedWeightsError
+from cliphand3d.models import pretrained
+from cliphand3d.models.backbone import ResNetBackbone
 
 
 @pytest.mark.parametrize("name, channels", [("resnet18", [64, 64, 128, 256, 512]),
@@ -89,7 +91,7 @@ def empty_hub(tmp_path, monkeypatch):
 
 def test_uncached_tag_offline_env_fails_fast_without_probing(empty_hub, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(bb, "_reachable", lambda *a, **k: pytest.fail("network probed offline"))
+    monkeypatch.setattr(pretrained, "reachable", lambda *a, **k: pytest.fail("network probed offline"))
     t0 = time.perf_counter()
     with pytest.raises(PretrainedWeightsError) as info:
         ResNetBackbone(name="resnet18", pretrained="IMAGENET1K_V1")
@@ -102,7 +104,7 @@ def test_uncached_tag_offline_env_fails_fast_without_probing(empty_hub, monkeypa
 def test_uncached_tag_unreachable_network_fails_fast(empty_hub, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TORCH_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(bb, "_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(pretrained, "reachable", lambda *a, **k: False)
     with pytest.raises(PretrainedWeightsError, match="model.pretrained=null"):
         ResNetBackbone(name="resnet18", pretrained="DEFAULT")
 

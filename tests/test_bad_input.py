@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from cliphand3d.data.base import DatasetError
+from cliphand3d.errors import DatasetError
 from cliphand3d.data.freihand import FreiHAND
 from cliphand3d.data.rhd import RHD
 from cliphand3d.data.writers import write_freihand, write_rhd

@@ -1,4 +1,4 @@
-"""scripts/benchmark.py's logic (cliphand3d.benchmark) on tiny sizes: the structure and invariants of
+"""scripts/benchmark.py's logic (cliphand3d.apps.benchmark) on tiny sizes: the structure and invariants of
 its results, never its timings."""
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cliphand3d import benchmark as bench
-from cliphand3d.preflight import ConfigError
-from cliphand3d.released import CONFIGS
+from cliphand3d.apps.benchmark import harness, runs
+from cliphand3d.apps.benchmark import run as bench
+from cliphand3d.apps.benchmark.inference import ONNX_EXTRA
+from cliphand3d.build import CONFIGS, compose_config
+from cliphand3d.errors import ConfigError
 
 TINY_SECTIONS = {
     "inference": {"presets": {"tiny": []}, "batch_sizes": [1, 2], "rounds": 2, "warmup": 0, "onnx_presets": ["tiny"]},
@@ -66,26 +68,26 @@ def by_name(rows):
 def test_flops_of_known_modules_are_the_hand_computed_counts():
     lin = torch.nn.Linear(4, 3)
     x = torch.randn(5, 4)
-    assert bench.count_flops(lambda: lin(x)) == 2 * 5 * 4 * 3  # bias adds are not counted
+    assert harness.count_flops(lambda: lin(x)) == 2 * 5 * 4 * 3  # bias adds are not counted
     conv = torch.nn.Conv2d(2, 3, kernel_size=3, padding=1, bias=False)
     img = torch.randn(1, 2, 4, 4)
-    assert bench.count_flops(lambda: conv(img)) == 2 * (3 * 4 * 4) * (2 * 3 * 3)
+    assert harness.count_flops(lambda: conv(img)) == 2 * (3 * 4 * 4) * (2 * 3 * 3)
     xg = torch.randn(5, 4, requires_grad=True)
     # backward: the input's gradient (5x3 @ 3x4) and the weight's (3x5 @ 5x4), each as costly as the forward
-    assert bench.count_flops(lambda: lin(xg).sum().backward()) == 3 * 2 * 5 * 4 * 3
+    assert harness.count_flops(lambda: lin(xg).sum().backward()) == 3 * 2 * 5 * 4 * 3
 
 
 def test_interleave_alternates_with_rotating_order_after_untimed_warmup():
     calls = []
     fns = {n: (lambda n=n: calls.append(n) or [float(len(calls))]) for n in "abc"}
-    samples = bench.interleave(fns, rounds=3, warmup=1)
+    samples = harness.interleave(fns, rounds=3, warmup=1)
     assert calls == list("abc") + list("abc") + list("bca") + list("cab")
     assert {n: len(v) for n, v in samples.items()} == {"a": 3, "b": 3, "c": 3}
     assert samples["a"] == [4.0, 9.0, 11.0]  # warm-up calls are not samples
 
 
 def test_ratio_rows_divide_the_rows_they_name_and_refuse_mixed_units():
-    rows = bench.Rows("s")
+    rows = harness.Rows("s")
     rows.add("a", 3.0, "ms")
     rows.add("b", 1.5, "ms")
     rows.add("c", 2.0, "MB")
@@ -163,11 +165,11 @@ def test_timed_rows_are_medians_of_the_stored_samples(full_run):
     rows, raw = by_name(res["rows"]), res["raw"]
     for key, samples in raw["inference"].items():
         for name, xs in samples.items():
-            assert rows[("inference", f"{key} {name}")]["value"] == pytest.approx(1e3 * bench.median(xs))
+            assert rows[("inference", f"{key} {name}")]["value"] == pytest.approx(1e3 * harness.median(xs))
     v = raw["train_step"]["variants"]["tiny"]
     assert len(v["step_s"]) == 2  # rounds x steps
     assert rows[("train_step", "tiny step per sample")]["value"] == pytest.approx(
-        1e3 * bench.median(v["step_s"]) / v["batch_size"])
+        1e3 * harness.median(v["step_s"]) / v["batch_size"])
     # train_step.previous: the earlier default over today's, from the same rounds
     speedup = rows[("train_step", "no_clip / tiny")]
     assert speedup["ratio_of"] == ["no_clip step per sample", "tiny step per sample"]
@@ -196,10 +198,10 @@ def test_onnx_is_compared_or_skipped_with_the_extra_to_install(full_run):
     _, res = full_run
     rows = by_name(res["rows"])
     try:
-        import cliphand3d.export  # noqa: F401
+        import cliphand3d.apps.export  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError:
-        assert rows[("inference", "tiny@64 onnxruntime")]["note"] == bench.ONNX_EXTRA
+        assert rows[("inference", "tiny@64 onnxruntime")]["note"] == ONNX_EXTRA
     else:
         assert ("inference", "tiny@64 b1 onnxruntime / eager") in rows
 
@@ -214,7 +216,7 @@ def test_memory_and_stream_rows(full_run):
     assert len(raw["intervals"]) == 2 and len(raw["rss_mb"]) == 3  # 8 of the 12 crops, in batches of 4
     total = rows[("eval_stream", "12 crops")]
     assert total["note"].startswith("EXTRAPOLATED")
-    assert total["value"] == pytest.approx(raw["first_s"] + 3 * bench.median(raw["intervals"]))  # 3 batches of 4
+    assert total["value"] == pytest.approx(raw["first_s"] + 3 * harness.median(raw["intervals"]))  # 3 batches of 4
 
 
 @pytest.mark.slow
@@ -268,13 +270,13 @@ def _stopped(pid: int) -> bool:
     return False
 
 
-@pytest.mark.skipif(bench.STOP is None or not Path("/proc/self/stat").exists(),
+@pytest.mark.skipif(runs.STOP is None or not Path("/proc/self/stat").exists(),
                     reason="needs job-control signals and /proc (Linux)")
 def test_runs_taking_turns_stop_their_loader_workers_between_turns(tmp_path):
     cfg = tiny_config(tmp_path, ["train_step"])
-    tcfg = bench.compose_train(bench.train_overrides(cfg, ["trainer.num_workers=1", "trainer.batch_size=2"]))
+    tcfg = compose_config("train", runs.train_overrides(cfg, ["trainer.num_workers=1", "trainer.batch_size=2"]))
     with pytest.raises(KeyboardInterrupt):
-        with bench.StepRunner(tcfg, torch.device("cpu")) as runner:
+        with runs.StepRunner(tcfg, torch.device("cpu")) as runner:
             (pid,) = runner.worker_pids()
             assert _stopped(pid)  # built, not yet stepped: renders nothing while another run is timed
             assert len(runner(1)) == 1

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from cliphand3d.data import doctor
+from cliphand3d.apps import doctor
 from cliphand3d.data.freihand import FreiHAND
 from cliphand3d.data.prompts import PromptGenerator
 from cliphand3d.data.transforms import denormalize_image

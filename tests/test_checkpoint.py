@@ -10,12 +10,13 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-import cliphand3d.checkpoint as ckpt
-from cliphand3d.checkpoint import (CheckpointError, capture_rng_state, check_state_dict_compat,
-                                   compare_configs, config_to_container, find_resume_checkpoint,
-                                   load_checkpoint, load_model_weights, restore_rng_state,
-                                   save_checkpoint)
-from cliphand3d.ema import ModelEMA
+import cliphand3d.checkpoint.io as ckpt
+from cliphand3d.errors import CheckpointError
+from cliphand3d.checkpoint.state import capture_rng_state, compare_configs, config_to_container, restore_rng_state
+from cliphand3d.checkpoint.weights import check_state_dict_compat, load_model_weights
+from cliphand3d.train.resume import find_resume_checkpoint
+from cliphand3d.checkpoint.io import load_checkpoint, save_checkpoint
+from cliphand3d.train.ema import ModelEMA
 
 
 class TinyNet(nn.Module):

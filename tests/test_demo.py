@@ -15,12 +15,15 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cliphand3d import demo, metrics
+from cliphand3d import metrics
+from cliphand3d.apps.demo import run as demo
+from cliphand3d.apps.demo.hand import DemoModel, crop_square, crop_uv_to_image, make_crop, predict_hand
+from cliphand3d.apps.demo.inputs import default_K
 from cliphand3d.build import model_from_checkpoint
 from cliphand3d.data.synthetic import SyntheticHands
 from cliphand3d.data.transforms import normalize_image
 from cliphand3d.geometry import crop_intrinsics, project
-from cliphand3d.preflight import ConfigError
+from cliphand3d.errors import ConfigError, InputError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -59,7 +62,7 @@ def load(out: Path, stem: str) -> dict:
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A tiny trained checkpoint of the default (synthetic) preset: a mesh, joints J @ uvd, offset 0.5."""
-    from cliphand3d.trainer import train
+    from cliphand3d.train.run import train
 
     run = tmp_path_factory.mktemp("run")
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
@@ -209,14 +212,14 @@ def test_uv_follows_the_models_pixel_convention(ckpt, hands):
     """An image of exactly the model's size without a box is its own crop: the 2D joints are the model's
     uv in pixels, u * S - 0.5 (docs/conventions.md), computed here from the model's own output."""
     model = model_from_checkpoint(ckpt)
-    dm = demo.DemoModel(model, torch.device("cpu"), 0.03)
+    dm = DemoModel(model, torch.device("cpu"), 0.03)
     img = hands["crop"]
-    res = demo.predict_hand(dm, img, demo.default_K(S, S, 2.5), None, hand="right", box_scale=1.3, where="t")
+    res = predict_hand(dm, img, default_K(S, S, 2.5), None, hand="right", box_scale=1.3, where="t")
     np.testing.assert_array_equal(res["crop"], img)
     with torch.no_grad():
         uvd = model(normalize_image(img)[None])["joints"][0].double().numpy()
     np.testing.assert_allclose(res["joints_2d"], uvd[:, :2] * S - 0.5, atol=1e-4)
-    np.testing.assert_allclose(demo.crop_uv_to_image(uvd, res, S), res["joints_2d"], atol=1e-4)
+    np.testing.assert_allclose(crop_uv_to_image(uvd, res, S), res["joints_2d"], atol=1e-4)
     # the assumed hand size is the placed hand's middle MCP -> PIP
     assert np.linalg.norm(res["joints_xyz"][9] - res["joints_xyz"][10]) == pytest.approx(0.03, rel=1e-6)
 
@@ -250,10 +253,10 @@ def test_config_mistakes_fail_before_the_model_loads(tmp_path, hands):
 
 
 def test_box_outside_and_partly_outside(hands):
-    with pytest.raises(demo.InputError, match=r"x.png: box .* lies outside the 64x64 image"):
-        demo.crop_square((-30, 0, 30, 10), S, S, 1.3, "x.png")  # touches the left edge from outside
-    center, side = demo.crop_square((-10, -10, 30, 20), S, S, 1.0, "x.png")
-    crop, _, _ = demo.make_crop(hands["crop"], demo.default_K(S, S, 2.5), center, side, S)
+    with pytest.raises(InputError, match=r"x.png: box .* lies outside the 64x64 image"):
+        crop_square((-30, 0, 30, 10), S, S, 1.3, "x.png")  # touches the left edge from outside
+    center, side = crop_square((-10, -10, 30, 20), S, S, 1.0, "x.png")
+    crop, _, _ = make_crop(hands["crop"], default_K(S, S, 2.5), center, side, S)
     assert crop.shape == (S, S, 3) and (crop[:10] == 0).all()  # padded black where the box leaves the image
 
 
@@ -264,8 +267,8 @@ def test_crop_pixels_sit_where_its_map_says(side):
     H, W = 700, 900
     ys, xs = np.mgrid[0:H, 0:W].astype(np.float32)
     image = np.stack([xs, ys, np.zeros_like(xs)], -1)
-    K = demo.default_K(W, H, 2.5)
-    crop, K_crop, A = demo.make_crop(image, K, (400.3, 350.7), side, S)
+    K = default_K(W, H, 2.5)
+    crop, K_crop, A = make_crop(image, K, (400.3, 350.7), side, S)
     rows, cols = np.mgrid[4:S - 4, 4:S - 4]  # away from the border, where area sums meet the image edge
     p = np.stack([cols, rows, np.ones_like(rows)], -1).astype(np.float64) @ np.linalg.inv(A).T
     np.testing.assert_allclose(crop[4:S - 4, 4:S - 4, :2], p[..., :2], atol=2e-2)
@@ -289,7 +292,7 @@ def test_imported_released_weights_run(tmp_path, hands):
     """The released preset (256 px, pixel = u * 256, J on metric vertices, MANO-sized mesh) from random weights."""
     from test_released import random_released_state
 
-    from cliphand3d.released import import_released
+    from cliphand3d.apps.released import import_released
 
     src = tmp_path / "released.pth.tar"
     torch.save({"state_dict": random_released_state()}, src)
@@ -308,7 +311,7 @@ def test_imported_released_weights_run(tmp_path, hands):
 
 def test_joints_only_checkpoint_runs(tmp_path, hands):
     """A preset without a mesh (RHD, model_template.joints_only): joints only, no vertex entries."""
-    from cliphand3d.trainer import train
+    from cliphand3d.train.run import train
 
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"run_dir={tmp_path / 'run'}", *TINY,

@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from cliphand3d.ema import ModelEMA
-from cliphand3d.engine import NonFiniteLossError, TrainState, train_one_epoch
+from cliphand3d.train.ema import ModelEMA
+from cliphand3d.errors import NonFiniteLossError
+from cliphand3d.train.loop import TrainState, train_one_epoch
 from cliphand3d.losses import weighted_total
 from cliphand3d.models.contrastive import PerAxisContrastiveLoss
-from cliphand3d.trainer import build_optimizer
+from cliphand3d.train.optim import build_optimizer
 
 AXES = ("x", "y", "z")
 
@@ -206,7 +207,7 @@ def _synthetic_preds(n: int = 3):
 def test_exact_labels_are_the_float64_annotations_the_items_rounded():
     import numpy as np
 
-    from cliphand3d.engine import exact_labels
+    from cliphand3d.evaluation.predict import exact_labels
 
     ds, preds = _synthetic_preds()
     out = exact_labels(ds, preds)
@@ -223,11 +224,11 @@ def test_exact_labels_are_the_float64_annotations_the_items_rounded():
 def test_train_time_validation_scores_against_the_same_float64_labels_as_eval(monkeypatch):
     import numpy as np
 
-    from cliphand3d import trainer
+    from cliphand3d.evaluation import scoring
 
     ds, preds = _synthetic_preds()
-    monkeypatch.setattr(trainer, "predict", lambda *a, **k: dict(preds))
+    monkeypatch.setattr(scoring, "predict", lambda *a, **k: dict(preds))
     loader = torch.utils.data.DataLoader(ds, batch_size=2)
-    res, seen = trainer.validate(None, loader, torch.device("cpu"), "freihand")
+    res, seen = scoring.validate(None, loader, torch.device("cpu"), "freihand")
     assert np.array_equal(seen["gt_xyz"], np.stack([ds.hand(i).xyz for i in range(3)]))
     assert res["pa_mpjpe_mm"] < 1e-3  # a shifted copy of the labels aligns onto them (to float32 rounding)

@@ -184,8 +184,8 @@ def test_eval_data_root_as_typed_for_train_py_works_beside_root(trained, other_r
 def test_eval_root_and_data_root_naming_two_folders_is_refused():
     from omegaconf import OmegaConf
 
-    from cliphand3d.evaluate import eval_config
-    from cliphand3d.preflight import ConfigError
+    from cliphand3d.evaluation.run import eval_config
+    from cliphand3d.errors import ConfigError
 
     saved = OmegaConf.create({"data": {"root": "/old", "img_size": 64, "test": {"root": "/old"}}})
     run = eval_config(OmegaConf.create({"data": {"root": "/new"}, "root": None}), saved)
@@ -199,8 +199,8 @@ def test_eval_root_and_data_root_naming_two_folders_is_refused():
 def test_a_folder_given_for_generated_data_is_refused_not_ignored():
     from omegaconf import OmegaConf
 
-    from cliphand3d.evaluate import eval_config
-    from cliphand3d.preflight import ConfigError
+    from cliphand3d.evaluation.run import eval_config
+    from cliphand3d.errors import ConfigError
 
     saved = OmegaConf.create({"data": {"name": "synthetic", "format": "synthetic", "root": None, "img_size": 64,
                                        "test": {"length": 4}}})
@@ -235,7 +235,7 @@ def test_predict_without_ground_truth_places_exact_uvd_exactly(fixture_dir):
     from torch.utils.data import DataLoader
 
     from cliphand3d.data.freihand import FreiHAND
-    from cliphand3d.engine import predict
+    from cliphand3d.evaluation.predict import predict
 
     labelled = FreiHAND(fixture_dir("fh_gt", write_freihand, num_train=1, num_eval=6, seed=4, versions=1),
                         split="eval", img_size=64)
@@ -356,7 +356,7 @@ def test_eval_root_override_reaches_every_split():
     eval.py's root=DIR must move the splits too, or it silently evaluates the old folder."""
     from omegaconf import OmegaConf
 
-    from cliphand3d.evaluate import eval_config
+    from cliphand3d.evaluation.run import eval_config
 
     saved = OmegaConf.create({"data": {"root": "/old", "img_size": 64, "train": {"root": "/old", "split": "train"},
                                        "val": {"root": "/old", "split": "eval"}, "test": {"root": "/old"}}})
@@ -390,7 +390,7 @@ def _item_mean(ds, indices):
 def test_mean_pose_baseline_from_labels_equals_the_image_based_one_freihand(fixture_dir, monkeypatch, crop):
     from cliphand3d.data import freihand
     from cliphand3d.data.transforms import CropAugment
-    from cliphand3d.evaluate import training_mean_uvd
+    from cliphand3d.evaluation.baselines import training_mean_uvd
 
     root = fixture_dir("fh_base", write_freihand, num_train=8, num_eval=1, seed=5, versions=2)
     ds = freihand.FreiHAND(root, split="train", versions=(0, 1), img_size=64, crop=crop, val_fraction=0,
@@ -413,7 +413,7 @@ def test_mean_pose_baseline_from_labels_equals_the_image_based_one_rhd_and_synth
     from cliphand3d.data.synthetic import SyntheticHands
     from cliphand3d.data.transforms import CropAugment
     from cliphand3d.data.writers import write_rhd
-    from cliphand3d.evaluate import training_mean_uvd
+    from cliphand3d.evaluation.baselines import training_mean_uvd
 
     ds = rhd.RHD(fixture_dir("rhd_base", write_rhd, num_train=6, num_eval=1, seed=2), split="train", img_size=64,
                  val_fraction=0, augment=CropAugment())

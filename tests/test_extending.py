@@ -185,7 +185,7 @@ def test_documented_sweep_composes():
         seen.add((gen.template_name, gen.num_joints, int(cfg.seed), int(cfg.trainer.max_steps), cfg.name))
     assert seen == {(t, k, s, 900, "prompt_sweep") for (t, k) in (("order_are", None), ("figure3", 10)) for s in (0, 1)}
     summarize = shlex.split(doc_block("sweep").splitlines()[2])
-    from cliphand3d.summarize import main
+    from cliphand3d.apps.summarize import main
 
     with pytest.raises(SystemExit) as help_exit:  # the documented options are the script's
         main(["--help"])

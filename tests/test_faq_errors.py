@@ -33,7 +33,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from cliphand3d.cli import _user_error
+from cliphand3d.apps.cli import _user_error
 
 REPO = Path(__file__).resolve().parents[1]
 FAQ = REPO / "docs" / "faq_errors.md"
@@ -231,7 +231,7 @@ def _(ctx):
 @faq("free-space")
 def _(ctx):
     from cliphand3d import preflight
-    from cliphand3d.trainer import check_checkpoint_space
+    from cliphand3d.train.guards import check_checkpoint_space
 
     ctx.mp.setattr(preflight.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 ** 9, 10 ** 9, 1000))
     return printed(lambda: check_checkpoint_space(ctx.tmp, nn.Linear(10, 10), None))
@@ -239,8 +239,8 @@ def _(ctx):
 
 @faq("run-folder-holds-run")
 def _(ctx):
-    from cliphand3d.checkpoint import save_checkpoint
-    from cliphand3d.trainer import train
+    from cliphand3d.checkpoint.io import save_checkpoint
+    from cliphand3d.train.run import train
 
     save_checkpoint(ctx.tmp / "checkpoints" / "last.pt", {"step": 1})
     return printed(lambda: train(composed(f"run_dir={ctx.tmp}", "debug=fast")))
@@ -248,8 +248,8 @@ def _(ctx):
 
 @faq("resume-mismatch")
 def _(ctx):
-    from cliphand3d.checkpoint import config_to_container
-    from cliphand3d.trainer import check_resumable
+    from cliphand3d.checkpoint.state import config_to_container
+    from cliphand3d.train.resume import check_resumable
 
     saved = {"config": config_to_container(composed("model.depth_bins=16")),
              "train_state": {"world_size": 1, "batch_size": 32}}
@@ -259,7 +259,7 @@ def _(ctx):
 
 @faq("resume-path")
 def _(ctx):
-    from cliphand3d.checkpoint import find_resume_checkpoint
+    from cliphand3d.train.resume import find_resume_checkpoint
 
     return [printed(lambda: find_resume_checkpoint(ctx.tmp, str(ctx.tmp / "nope.pt"))),
             printed(lambda: find_resume_checkpoint(ctx.tmp, str(ctx.tmp)))]
@@ -267,14 +267,14 @@ def _(ctx):
 
 @faq("batch-larger-than-data")
 def _(ctx):
-    from cliphand3d.trainer import train
+    from cliphand3d.train.run import train
 
     return printed(lambda: train(composed(f"run_dir={ctx.tmp}", "debug=fast", "data.num_train=4", "trainer.batch_size=8")))
 
 
 @faq("device-cuda")
 def _(ctx):
-    from cliphand3d.trainer import pick_device
+    from cliphand3d.runtime import pick_device
 
     ctx.mp.setattr(torch.cuda, "is_available", lambda: False)
     return printed(lambda: pick_device("cuda", 0))
@@ -283,7 +283,7 @@ def _(ctx):
 @faq("init-from-size")
 def _(ctx):
     from cliphand3d.build import adopt_init_config
-    from cliphand3d.checkpoint import config_to_container
+    from cliphand3d.checkpoint.state import config_to_container
 
     saved = config_to_container(composed("data.img_size=128"))
     return printed(lambda: adopt_init_config(composed("data.img_size=96", "init_from=/x.pt"), saved))
@@ -415,7 +415,7 @@ def _(ctx):
 
 @faq("worker-nice")
 def _(ctx):
-    from cliphand3d.trainer import make_loader
+    from cliphand3d.runtime import make_loader
 
     return printed(lambda: make_loader([0], batch_size=1, num_workers=1, device=torch.device("cpu"), worker_nice=-5))
 
@@ -424,7 +424,7 @@ def _(ctx):
 def _(ctx):
     from omegaconf import OmegaConf
 
-    from cliphand3d import benchmark as bench
+    from cliphand3d.apps.benchmark import run as bench
 
     cfg = OmegaConf.create({"train_step": {"variants": {"tiny": [], "no_clip": []}, "default": "tiny",
                                            "baseline": "old", "previous": None}})
@@ -435,7 +435,7 @@ def _(ctx):
 
 @faq("ema-decay")
 def _(ctx):
-    from cliphand3d.ema import ModelEMA
+    from cliphand3d.train.ema import ModelEMA
 
     return printed(lambda: ModelEMA(nn.Linear(1, 1), decay=1.5))
 
@@ -468,6 +468,7 @@ def _(ctx):
     import torchvision
 
     from cliphand3d.models import backbone as bb
+    from cliphand3d.models import pretrained
 
     offline(ctx)
     (ctx.tmp / "junk.pth").write_bytes(b"not a torch file" * 8)
@@ -479,8 +480,8 @@ def _(ctx):
            printed(lambda: bb.ResNetBackbone("resnet18", pretrained=ctx.tmp / "junk.pth")),
            printed(lambda: bb.ResNetBackbone("resnet18", pretrained=ctx.tmp / "list.pth")),
            printed(lambda: bb.ResNetBackbone("resnet34", pretrained=ctx.tmp / "r18.pth"))]
-    ctx.mp.setattr(bb, "_offline_env", lambda: False)
-    ctx.mp.setattr(bb, "_reachable", lambda url: True)
+    ctx.mp.setattr(pretrained, "offline", lambda: False)
+    ctx.mp.setattr(pretrained, "reachable", lambda url: True)
 
     def fail(*a, **k):
         raise OSError("connection reset")
@@ -493,6 +494,7 @@ def _(ctx):
 def _(ctx):
     from open_clip import pretrained as oc_pretrained
 
+    from cliphand3d.models import pretrained
     from cliphand3d.models import text_encoder as te
 
     offline(ctx)
@@ -510,10 +512,10 @@ def _(ctx):
            printed(lambda: tiny(pretrained=str(ctx.tmp / "list.pt"))),
            printed(lambda: tiny(pretrained=str(ctx.tmp / "wide.pt"))),
            printed(lambda: tiny(pretrained=str(ctx.tmp / "script.pt")))]
-    ctx.mp.setattr(te, "_offline", lambda: False)
-    ctx.mp.setattr(te, "_reachable", lambda host, timeout=3.0: False)
+    ctx.mp.setattr(pretrained, "offline", lambda: False)
+    ctx.mp.setattr(pretrained, "reachable", lambda host, timeout=3.0: False)
     out.append(printed(lambda: te.TextEncoder(model_name="ViT-B-32", pretrained="openai")))
-    ctx.mp.setattr(te, "_reachable", lambda host, timeout=3.0: True)
+    ctx.mp.setattr(pretrained, "reachable", lambda host, timeout=3.0: True)
 
     def fail(*a, **k):
         raise OSError("connection reset")
@@ -655,7 +657,7 @@ def _(ctx):
 
 @faq("check-data")
 def _(ctx):
-    from cliphand3d.data import doctor
+    from cliphand3d.apps import doctor
 
     root = ctx.frei()
     (root / "training_verts.json").unlink()
@@ -668,7 +670,7 @@ def _(ctx):
 @faq("checkpoint-file")
 def _(ctx):
     from cliphand3d.build import checkpoint_config
-    from cliphand3d.checkpoint import load_checkpoint
+    from cliphand3d.checkpoint.io import load_checkpoint
 
     (ctx.tmp / "empty.pt").write_bytes(b"")
     (ctx.tmp / "notes.pt").write_text("my notes\n")
@@ -686,7 +688,7 @@ def _(ctx):
 @faq("checkpoint-fit")
 def _(ctx):
     from cliphand3d.build import check_model_config
-    from cliphand3d.checkpoint import check_state_dict_compat
+    from cliphand3d.checkpoint.weights import check_state_dict_compat
 
     old = composed()
     OmegaConf.set_struct(old, False)
@@ -702,8 +704,8 @@ def _(ctx):
 @faq("eval-overrides")
 def _(ctx):
     from cliphand3d.build import checkpoint_config
-    from cliphand3d.checkpoint import config_to_container
-    from cliphand3d.evaluate import eval_config
+    from cliphand3d.checkpoint.state import config_to_container
+    from cliphand3d.evaluation.run import eval_config
 
     ckpt = {"config": config_to_container(composed()), "model": {}}
     saved = OmegaConf.create({"data": {"root": "/old", "img_size": 64, "test": {"root": "/old"}}})
@@ -716,10 +718,10 @@ def _(ctx):
 
 @faq("placement")
 def _(ctx):
-    from cliphand3d.engine import _placement, predict
+    from cliphand3d.evaluation.predict import _placement, predict
 
     from cliphand3d.data.freihand import FreiHAND
-    from cliphand3d.evaluate import check_placement
+    from cliphand3d.evaluation.predict import check_placement
 
     root = ctx.frei()
     (root / "evaluation_xyz.json").unlink()
@@ -735,7 +737,7 @@ def _(ctx):
 # during training ------------------------------------------------------------------------------------
 @faq("non-finite")
 def _(ctx):
-    from cliphand3d.engine import _loss_error, _skip_or_stop
+    from cliphand3d.train.guards import loss_error as _loss_error, skip_or_stop as _skip_or_stop
 
     net = nn.Linear(2, 2)
     net.weight.grad = torch.full((2, 2), float("nan"))
@@ -745,7 +747,7 @@ def _(ctx):
 
 @faq("checkpoint-write")
 def _(ctx):
-    import cliphand3d.checkpoint as ck
+    import cliphand3d.checkpoint.io as ck
 
     path = ctx.tmp / "last.pt"
     out = [printed(lambda: ck.save_checkpoint(path, {"model": {"w": torch.tensor([float("nan")])}}))]
@@ -761,30 +763,30 @@ def _(ctx):
 # demo -----------------------------------------------------------------------------------------------
 @faq("demo-config")
 def _(ctx):
-    from cliphand3d import demo
+    from cliphand3d.apps.demo import inputs, labels
 
     (ctx.tmp / "boxes.json").write_text("[1, 2")
     (ctx.tmp / "list.json").write_text("[1, 2]")
     (ctx.tmp / "empty").mkdir()
     cfg = composed("hand=middle", "ckpt=x.pt", "input=y", config="demo")
-    labels = ctx.tmp / "labels.json"
-    labels.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}],
-                                  "annotations": [{"image_id": 1, "keypoints": [0] * 63}]}))
-    return [printed(lambda: demo.settings(cfg)),
-            printed(lambda: demo.settings(composed("box_scale=0", "ckpt=x.pt", "input=y", config="demo"))),
-            printed(lambda: demo.score_against_labels([], labels, None, ctx.tmp)),
-            printed(lambda: demo.parse_numbers("[1,2]", "K", 4)),
-            printed(lambda: demo.check_box([0, 0, -5, 10], "box")),
-            printed(lambda: demo.load_boxes(ctx.tmp / "none.json")),
-            printed(lambda: demo.load_boxes(ctx.tmp / "boxes.json")),
-            printed(lambda: demo.load_boxes(ctx.tmp / "list.json")),
-            printed(lambda: demo.list_inputs(ctx.tmp / "nowhere")),
-            printed(lambda: demo.list_inputs(ctx.tmp / "empty"))]
+    labels_file = ctx.tmp / "labels.json"
+    labels_file.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}],
+                                       "annotations": [{"image_id": 1, "keypoints": [0] * 63}]}))
+    return [printed(lambda: inputs.settings(cfg)),
+            printed(lambda: inputs.settings(composed("box_scale=0", "ckpt=x.pt", "input=y", config="demo"))),
+            printed(lambda: labels.score_against_labels([], labels_file, None, ctx.tmp)),
+            printed(lambda: inputs.parse_numbers("[1,2]", "K", 4)),
+            printed(lambda: inputs.check_box([0, 0, -5, 10], "box")),
+            printed(lambda: inputs.load_boxes(ctx.tmp / "none.json")),
+            printed(lambda: inputs.load_boxes(ctx.tmp / "boxes.json")),
+            printed(lambda: inputs.load_boxes(ctx.tmp / "list.json")),
+            printed(lambda: inputs.list_inputs(ctx.tmp / "nowhere")),
+            printed(lambda: inputs.list_inputs(ctx.tmp / "empty"))]
 
 
 @faq("demo-inputs")
 def _(ctx):
-    from cliphand3d import demo
+    from cliphand3d.apps.demo import hand, inputs, run as demo
 
     (ctx.tmp / "bad.png").write_bytes(b"\x89PNG garbage")
     (ctx.tmp / "empty.jpg").write_bytes(b"")
@@ -813,21 +815,21 @@ def _(ctx):
     assert (failed, total) == (1, 1)
     no_frames = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(demo.cv2, "VideoCapture", NoFrames)
-        no_frames.append(printed(lambda: list(demo.video_frames(ctx.tmp / "empty.mp4"))))
-    return reasons + no_frames + [printed(lambda: demo.read_image(ctx.tmp / "bad.png")),
-            printed(lambda: demo.read_image(ctx.tmp / "empty.jpg")),
-            printed(lambda: demo.read_image(ctx.tmp)),
-            printed(lambda: demo.to_rgb8(np.zeros((40, 40, 2), np.uint8), "two.png")),
-            printed(lambda: demo.check_size(np.zeros((20, 30, 3), np.uint8), "small.png", 32)),
-            printed(lambda: demo.crop_square((500, 500, 10, 10), 224, 224, 1.3, "photo.jpg")),
-            printed(lambda: list(demo.video_frames(ctx.tmp / "bad.mp4")))]
+        mp.setattr(inputs.cv2, "VideoCapture", NoFrames)
+        no_frames.append(printed(lambda: list(inputs.video_frames(ctx.tmp / "empty.mp4"))))
+    return reasons + no_frames + [printed(lambda: inputs.read_image(ctx.tmp / "bad.png")),
+            printed(lambda: inputs.read_image(ctx.tmp / "empty.jpg")),
+            printed(lambda: inputs.read_image(ctx.tmp)),
+            printed(lambda: inputs.to_rgb8(np.zeros((40, 40, 2), np.uint8), "two.png")),
+            printed(lambda: inputs.check_size(np.zeros((20, 30, 3), np.uint8), "small.png", 32)),
+            printed(lambda: hand.crop_square((500, 500, 10, 10), 224, 224, 1.3, "photo.jpg")),
+            printed(lambda: list(inputs.video_frames(ctx.tmp / "bad.mp4")))]
 
 
 # the other scripts ----------------------------------------------------------------------------------
 @faq("import-checkpoint")
 def _(ctx):
-    from cliphand3d.released import read_released
+    from cliphand3d.apps.released import read_released
 
     torch.save({"state_dict": {"backbone.conv1.weight": torch.zeros(1)}}, ctx.tmp / "other.pth.tar")
     torch.save([1, 2], ctx.tmp / "list.pth.tar")
@@ -843,7 +845,7 @@ def _(ctx):
 
 @faq("released-content")
 def _(ctx):
-    from cliphand3d import released
+    from cliphand3d.apps import released
 
     zeros = {"J_Reg": torch.zeros(21, 778), **{f"Vertx_{n}": torch.zeros(n, 3) for n in released.LEVELS}}
     return [printed(lambda: released.released_template({})),
@@ -853,7 +855,7 @@ def _(ctx):
 
 @faq("summarize")
 def _(ctx):
-    from cliphand3d.summarize import main
+    from cliphand3d.apps.summarize import main
 
     out = []
     for folder in (ctx.tmp / "nowhere", ctx.tmp):
@@ -874,7 +876,7 @@ def _(ctx):
 def _(ctx):
     import sys
 
-    from cliphand3d import export
+    from cliphand3d.apps import export
 
     ctx.mp.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now fails
     return printed(lambda: export.OnnxModel(ctx.tmp / "model.onnx"))
@@ -882,7 +884,7 @@ def _(ctx):
 
 @faq("onnx-options")
 def _(ctx):
-    from cliphand3d import export
+    from cliphand3d.apps import export
 
     ctx.mp.setattr(export, "require", lambda *names: [None] * len(names))  # with or without the extra
     (ctx.tmp / "folder").mkdir()
@@ -898,7 +900,7 @@ def _(ctx):
 def _(ctx):
     from types import SimpleNamespace
 
-    from cliphand3d import export
+    from cliphand3d.apps import export
 
     ctx.mp.setattr(export, "_parity", lambda model, path, images: (0.25, 1.5))
     return printed(lambda: export.check_export(SimpleNamespace(img_size=8), ctx.tmp / "model.onnx", batch=3))
@@ -906,9 +908,9 @@ def _(ctx):
 
 @faq("internal")
 def _(ctx):
-    from cliphand3d.checkpoint import save_checkpoint
-    from cliphand3d.data.base import check_item
-    from cliphand3d.trainer import check_gradients
+    from cliphand3d.checkpoint.io import save_checkpoint
+    from cliphand3d.data.sample import check_item
+    from cliphand3d.train.guards import check_gradients
 
     net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     net[0](torch.ones(1, 2)).sum().backward()

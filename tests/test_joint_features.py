@@ -4,8 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cliphand3d.models.joint_features import (JointFeatures, gaussian_1d, heat_volume,
-                                              separable_volume_conv)
+from cliphand3d.models.joint_features import JointFeatures, gaussian_1d, heat_volume, separable_volume_conv
 
 J, D, H, W, C = 21, 16, 16, 16, 8
 

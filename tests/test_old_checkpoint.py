@@ -18,9 +18,9 @@ import pytest
 from hydra.utils import get_object
 
 from cliphand3d.build import compose_config, load_model
-from cliphand3d.checkpoint import load_checkpoint
-from cliphand3d.evaluate import run_eval
-from cliphand3d.trainer import train
+from cliphand3d.checkpoint.io import load_checkpoint
+from cliphand3d.evaluation.run import run_eval
+from cliphand3d.train.run import train
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pre_restructure_run.tar.xz"
 

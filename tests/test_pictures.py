@@ -8,7 +8,8 @@ import pytest
 import torch
 from scipy.linalg import orthogonal_procrustes
 
-from cliphand3d import evaluate, metrics, viz
+from cliphand3d.evaluation import figures, report
+from cliphand3d import metrics, viz
 from cliphand3d.data.transforms import denormalize_image, normalize_image
 from cliphand3d.geometry import project
 from cliphand3d.skeleton import JOINT_NAMES
@@ -18,12 +19,12 @@ S = 48
 
 def test_best_median_worst_known_answers():
     # sorted: 1 (pos 1), 3 (pos 3), 5 (pos 0), 7 (pos 4), 9 (pos 2)
-    assert evaluate.pick_best_median_worst([5, 1, 9, 3, 7], 1) == {"best": [1], "median": [0], "worst": [2]}
+    assert figures.pick_best_median_worst([5, 1, 9, 3, 7], 1) == {"best": [1], "median": [0], "worst": [2]}
     # sorted: 0.5 (5), 1 (1), 3 (3), 5 (0), 7 (4), 9 (2): the middle two are 3 and 5
-    assert evaluate.pick_best_median_worst([5, 1, 9, 3, 7, 0.5], 2) == {"best": [5, 1], "median": [3, 0],
+    assert figures.pick_best_median_worst([5, 1, 9, 3, 7, 0.5], 2) == {"best": [5, 1], "median": [3, 0],
                                                                          "worst": [2, 4]}
     # a sample without any visible joint (NaN) is never shown; k larger than the set shows all in each row
-    assert evaluate.pick_best_median_worst([np.nan, 2.0, 1.0], 5) == {"best": [2, 1], "median": [2, 1],
+    assert figures.pick_best_median_worst([np.nan, 2.0, 1.0], 5) == {"best": [2, 1], "median": [2, 1],
                                                                        "worst": [1, 2]}
 
 
@@ -110,7 +111,7 @@ def test_error_pictures_show_the_right_samples_and_the_per_joint_means(tmp_path,
         return real_figure(names, errors_mm, title)
 
     monkeypatch.setattr(viz, "per_joint_figure", spy)
-    per_joint = evaluate._error_pictures(tmp_path, "freihand", preds, data, k=2)
+    per_joint = report.write_pictures(tmp_path, "freihand", preds, {}, data, k=2)
 
     errors = metrics.protocol_joint_errors("freihand", preds["pred_xyz"], preds["gt_xyz"])
     # bars: one per joint, named by skeleton.py, the mean over samples of the protocol's joint errors
@@ -119,7 +120,7 @@ def test_error_pictures_show_the_right_samples_and_the_per_joint_means(tmp_path,
     np.testing.assert_allclose(list(per_joint.values()), errors.mean(0), rtol=1e-12)
     # only the 6 shown items were read back from the dataset (memory does not grow with the set)
     per_sample = errors.mean(1)
-    chosen = evaluate.pick_best_median_worst(per_sample, 2)
+    chosen = figures.pick_best_median_worst(per_sample, 2)
     assert sorted(data.reads) == sorted(int(preds["index"][p]) for g in chosen.values() for p in g)
     assert chosen["best"][0] == int(np.argmin(per_sample)) and chosen["worst"][0] == int(np.argmax(per_sample))
 
@@ -134,7 +135,7 @@ def test_sample_grid_tiles_are_each_prediction_on_its_own_crop():
     data = Crops(4)
     preds = preds_with_errors(data, [0.003, 0.001, 0.004, 0.002])
     per_sample = metrics.protocol_joint_errors("freihand", preds["pred_xyz"], preds["gt_xyz"]).mean(1)
-    tiles, captions = evaluate.error_sample_grid(data, preds, per_sample, 1)
+    tiles, captions = figures.error_sample_grid(data, preds, per_sample, 1)
     order = np.argsort(per_sample)
     for tile, pos, group, cap in zip(tiles, [order[0], order[1], order[-1]], ("best", "median", "worst"), captions):
         item = data.items[int(preds["index"][pos])]

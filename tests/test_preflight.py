@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-import cliphand3d.trainer as trainer_mod
+import cliphand3d.train.run as trainer_mod
 from cliphand3d.preflight import check_config, metric_names, monitor_choices
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cliphand3d.checkpoint import load_checkpoint
+from cliphand3d.checkpoint.io import load_checkpoint
 from cliphand3d.data.sampler import ResumableSampler
 
 REPO = Path(__file__).resolve().parents[1]

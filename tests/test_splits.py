@@ -12,7 +12,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from cliphand3d.build import build_datasets, build_template, template_labels
-from cliphand3d.data.base import DatasetError, check_item, holdout_split
+from cliphand3d.errors import DatasetError
+from cliphand3d.data.sample import check_item
+from cliphand3d.data.base import holdout_split
 from cliphand3d.data.freihand import FreiHAND
 from cliphand3d.data.rhd import RHD
 from cliphand3d.data.synthetic import SPLIT_SEEDS, SyntheticHands
@@ -181,7 +183,7 @@ def test_build_datasets_gives_training_val_and_refuses_unknown_splits(frei):
 
 
 def test_training_validates_on_val_never_test(tmp_path, monkeypatch):
-    import cliphand3d.trainer as trainer
+    import cliphand3d.train.run as trainer
 
     seen = []
     real = trainer.validate
@@ -201,7 +203,7 @@ def test_training_validates_on_val_never_test(tmp_path, monkeypatch):
 
 
 def test_eval_defaults_to_test_and_names_the_splits():
-    from cliphand3d.evaluate import run_eval
+    from cliphand3d.evaluation.run import run_eval
 
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose(config_name="eval", overrides=["ckpt=/nonexistent.pt"])

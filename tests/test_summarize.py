@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cliphand3d.summarize import collect_runs, format_table, main
+from cliphand3d.apps.summarize import collect_runs, format_table, main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,7 +124,7 @@ def ablation(tmp_path):
 
 
 def test_group_runs_one_row_per_variant_with_mean_min_max_and_n(ablation):
-    from cliphand3d.summarize import format_groups, group_runs
+    from cliphand3d.apps.summarize import format_groups, group_runs
 
     groups = group_runs(collect_runs(ablation), over="seed")
     assert [(g["label"], g["n"], g["values"]) for g in groups] == [
@@ -144,7 +144,7 @@ def test_group_runs_one_row_per_variant_with_mean_min_max_and_n(ablation):
 
 
 def test_group_runs_keeps_a_diverged_seed_visible_and_separates_evaluations(ablation):
-    from cliphand3d.summarize import format_groups, group_runs
+    from cliphand3d.apps.summarize import format_groups, group_runs
 
     _job(ablation, "pose_only/seed2", ["+experiment=ablation", "variant=pose_only", "seed=2"],
          {"pa_mpjpe_mm": float("nan"), "auc_pa_0_50": 0.1, "split": "test"}, where="eval_best")

@@ -14,10 +14,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from cliphand3d.build import build_prompts, text_branch_on
-from cliphand3d.checkpoint import compare_configs
-from cliphand3d.preflight import ConfigError, check_config
+from cliphand3d.checkpoint.state import compare_configs
+from cliphand3d.errors import ConfigError
+from cliphand3d.preflight import check_config
 from cliphand3d.skeleton import JOINT_NAMES
-from cliphand3d.summarize import collect_runs, group_runs
+from cliphand3d.apps.summarize import collect_runs, group_runs
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -128,8 +129,8 @@ def test_final_eval_must_name_a_split():
 
 def test_final_eval_scores_best_pt_on_test_exactly_as_eval_py(tmp_path):
     from cliphand3d.build import compose_config
-    from cliphand3d.evaluate import run_eval
-    from cliphand3d.trainer import train
+    from cliphand3d.evaluation.run import run_eval
+    from cliphand3d.train.run import train
 
     run = tmp_path / "run"
     overrides = [f"run_dir={run}", *TINY, "trainer.val_every_steps=1"]

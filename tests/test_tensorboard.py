@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from cliphand3d import metrics, viz
 from cliphand3d.data.transforms import denormalize_image, normalize_image
 from cliphand3d.geometry import project
-from cliphand3d.run_logger import RunLogger
+from cliphand3d.train.logger import RunLogger
 
 REPO = Path(__file__).resolve().parents[1]
 IMG, NUM_VAL = 64, 6
@@ -171,7 +171,7 @@ def test_validation_pck_figure_is_the_protocols_curve(tmp_path, monkeypatch, pro
 
 
 def test_validation_samples_grid_ranks_by_the_protocols_error(tmp_path, monkeypatch):
-    from cliphand3d import evaluate
+    from cliphand3d.evaluation import figures
 
     data = Crops("freihand")
     preds = figure_preds(data)
@@ -199,4 +199,4 @@ def test_validation_samples_grid_ranks_by_the_protocols_error(tmp_path, monkeypa
         want = viz.draw_pred_vs_gt(img, project(preds["pred_xyz"][pos], K), project(preds["gt_xyz"][pos], K))
         np.testing.assert_array_equal(tile, want)
     assert errors[0] < errors[2] < errors[1]
-    assert evaluate.pick_best_median_worst(errors, 1) == {"best": [0], "median": [2], "worst": [1]}
+    assert figures.pick_best_median_worst(errors, 1) == {"best": [0], "median": [2], "worst": [1]}

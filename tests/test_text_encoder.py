@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from cliphand3d.models.text_adapter import AxisAdapters
-from cliphand3d.models.text_encoder import PretrainedWeightsUnavailable, TextEncoder
+from cliphand3d.errors import PretrainedWeightsError as PretrainedWeightsUnavailable
+from cliphand3d.models.text_encoder import TextEncoder
 from cliphand3d.skeleton import JOINT_NAMES
 
 TINY = dict(layers=2, width=64, heads=2, embed_dim=64)

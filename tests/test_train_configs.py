@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from cliphand3d.data.writers import write_freihand, write_rhd
 from cliphand3d.errors import ConfigError
-from cliphand3d.trainer import train
+from cliphand3d.train.run import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
@@ -84,7 +84,7 @@ def test_a_run_folder_is_never_overwritten(tmp_path):
 
 
 def test_non_finite_loss_stops_with_step_and_terms_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    from cliphand3d.checkpoint import load_checkpoint
+    from cliphand3d.checkpoint.io import load_checkpoint
     from cliphand3d.losses import CLIPHand3DLoss
 
     calls = {"n": 0}
@@ -108,10 +108,11 @@ def test_non_finite_loss_stops_with_step_and_terms_and_keeps_last_good_checkpoin
 
 
 def test_non_finite_gradients_are_skipped_then_stop_the_run_and_last_pt_stays_the_last_good(tmp_path, monkeypatch):
-    import cliphand3d.trainer as trainer_mod
-    from cliphand3d.checkpoint import load_checkpoint
+    import cliphand3d.build as build_mod
+    import cliphand3d.train.run as trainer_mod
+    from cliphand3d.checkpoint.io import load_checkpoint
 
-    build_model, save = trainer_mod.build_model, trainer_mod.save_checkpoint
+    build_model, save = build_mod.build_model, trainer_mod.save_checkpoint
     backward = {"n": 0}
 
     def poisoned_model(cfg, template):
@@ -132,7 +133,7 @@ def test_non_finite_gradients_are_skipped_then_stop_the_run_and_last_pt_stays_th
             written[state["train_state"]["step"]] = {k: v.clone() for k, v in state["model"].items()}
         return out
 
-    monkeypatch.setattr(trainer_mod, "build_model", poisoned_model)
+    monkeypatch.setattr(build_mod, "build_model", poisoned_model)
     monkeypatch.setattr(trainer_mod, "save_checkpoint", spy)
     overrides = [f"run_dir={tmp_path}", *TINY, "data.num_train=32", "data.num_val=8", "data.num_verts=200",
                  "model_template.build.levels=[40,80,120]", "trainer.max_steps=8"]
@@ -152,7 +153,7 @@ def test_best_pt_follows_the_monitor_direction(monitor, tmp_path):
     """best.pt keeps the highest AUC / F-score / retrieval and the lowest error."""
     import json
 
-    from cliphand3d.checkpoint import load_checkpoint
+    from cliphand3d.checkpoint.io import load_checkpoint
     from cliphand3d.metrics import higher_is_better
 
     cfg = compose_train([*TINY, "data.num_train=8", "data.num_val=8", "data.num_verts=200",

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from cliphand3d.cli import _user_error
-from cliphand3d.data.base import DatasetError
+from cliphand3d.apps.cli import _user_error
+from cliphand3d.errors import DatasetError
 from cliphand3d.data.sampler import ResumableSampler
-from cliphand3d.trainer import warmup_cosine
+from cliphand3d.train.optim import warmup_cosine
 
 
 def test_sampler_order_depends_only_on_seed_and_epoch_and_skips_exactly():
@@ -60,7 +60,7 @@ def test_cli_error_starts_on_its_own_line_after_a_progress_bar(capsys):
 
     from tqdm import tqdm
 
-    from cliphand3d.cli import friendly_errors
+    from cliphand3d.apps.cli import friendly_errors
 
     bar = tqdm(total=3, desc="train", file=sys.stderr, mininterval=0)
     bar.update(1)  # the bar's line is open: tqdm ends it only when the bar closes
@@ -77,7 +77,7 @@ def _composed(*overrides):
     from hydra import compose, initialize_config_dir
     from pathlib import Path
 
-    from cliphand3d.checkpoint import config_to_container
+    from cliphand3d.checkpoint.state import config_to_container
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
@@ -85,8 +85,8 @@ def _composed(*overrides):
 
 
 def test_resume_refuses_what_changes_the_data_position_or_the_optimisation():
-    from cliphand3d.checkpoint import config_value
-    from cliphand3d.trainer import RESUME_MAY_CHANGE, resume_mismatches
+    from cliphand3d.checkpoint.state import config_value
+    from cliphand3d.train.resume import RESUME_MAY_CHANGE, resume_mismatches
 
     cfg = _composed()
     # every key a resume may change is a real key (a typo would let nothing through silently)
@@ -146,7 +146,8 @@ def test_validation_draws_from_no_training_rng():
     from cliphand3d.data.synthetic import SyntheticHands
     from cliphand3d.models.cliphand3d import CLIPHand3D
     from cliphand3d.models.template import joints_only_template
-    from cliphand3d.trainer import make_loader, validate
+    from cliphand3d.runtime import make_loader
+    from cliphand3d.evaluation.scoring import validate
 
     ds = SyntheticHands(length=8, seed=1, img_size=64, num_verts=200)  # no augmentation
     model = CLIPHand3D(template=joints_only_template(ds.all_labels()[0]), img_size=64, backbone="resnet18",
@@ -173,6 +174,6 @@ class _NicenessSeen(torch.utils.data.Dataset):
 def test_loader_workers_run_at_the_configured_lower_priority(nice):
     import os
 
-    from cliphand3d.trainer import make_loader
+    from cliphand3d.runtime import make_loader
     loader = make_loader(_NicenessSeen(), batch_size=1, num_workers=1, device=torch.device("cpu"), worker_nice=nice)
     assert [int(b) for b in loader] == [os.nice(0) + nice] * 2

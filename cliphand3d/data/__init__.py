@@ -13,7 +13,6 @@ _EXPORTS = {
     "RHD": "rhd",
     "PromptGenerator": "prompts",
     "CropAugment": "transforms",
-    "DatasetError": "base",
 }
 
 __all__ = sorted(_EXPORTS)

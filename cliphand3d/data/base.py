@@ -1,32 +1,32 @@
-"""The dataset item contract, file checks with actionable errors, and safe unpickling.
+"""What every dataset shares: file checks with actionable errors, splits, and `HandDataset`.
 
 Every dataset subclasses `HandDataset`: it loads one raw sample (full image, intrinsics, labels and a
-tight box around the hand) and `build_item` turns it into the item of docs/conventions.md.
+tight box around the hand; `sample.RawSample`) and `transforms.build_item` turns it into the item of
+docs/conventions.md.
 """
 from __future__ import annotations
 
 import json
 import logging
 import pickle
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..dist import all_reduce_sum
-from ..skeleton import NUM_JOINTS
+from ..errors import DatasetError
+from ..serialization import load_plain_pickle_stream
+from .sample import RawSample
+from .transforms import build_item, label_targets
 
 log = logging.getLogger(__name__)
 # data.skip_bad gives up after this many unreadable items in a row: past that the data is broken, not flaky
 MAX_SKIPPED_IN_A_ROW = 100
-
-
-class DatasetError(RuntimeError):
-    """Bad or missing data. The message names the file or key and the fix."""
 
 
 # --------------------------------------------------------------------------- file checks
@@ -89,8 +89,6 @@ def read_image(path: str | Path, *, grayscale: bool = False) -> np.ndarray:
 
 def image_size(path: str | Path) -> tuple[int, int]:
     """(height, width) from the image file's header, without decoding its pixels."""
-    from PIL import Image, UnidentifiedImageError
-
     p = Path(path)
     try:
         with Image.open(p) as im:
@@ -161,35 +159,12 @@ def spread(n: int, k: int | None) -> list[int]:
 
 
 # --------------------------------------------------------------------------- safe unpickling
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("collections", "OrderedDict"),
-    # Python 3 writes numpy byte buffers in protocol-2 pickles through _codecs.encode (a pure function)
-    ("_codecs", "encode"),
-}
-
-
-class PlainDataUnpickler(pickle.Unpickler):
-    """Admits only plain data: builtins (dict, list, tuple, str, numbers) and numpy arrays/scalars."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only plain data and numpy arrays "
-                                     "are allowed in annotation pickles")
-
-
 def load_plain_pickle(path: str | Path, fix: str) -> Any:
     """Read a pickle holding only plain data. RHD's pickles come from Python 2: latin1 decodes them."""
     p = require_file(path, fix)
     try:
         with open(p, "rb") as f:
-            return PlainDataUnpickler(f, encoding="latin1").load()
+            return load_plain_pickle_stream(f, encoding="latin1")
     except pickle.UnpicklingError as e:
         raise DatasetError(f"{p}: {e}.\n  fix: {fix}") from None
     except (EOFError, ValueError) as e:
@@ -197,20 +172,6 @@ def load_plain_pickle(path: str | Path, fix: str) -> Any:
 
 
 # --------------------------------------------------------------------------- raw samples and datasets
-@dataclass
-class RawSample:
-    """One hand as stored on disk, before cropping: full image and camera-frame labels (right hand)."""
-
-    image: np.ndarray | None  # uint8 (H, W, 3) RGB; None from `label_sample` (labels only)
-    K: np.ndarray  # (3, 3)
-    xyz: np.ndarray  # (21, 3) metres, MPII order, right hand
-    box: tuple[float, float, float]  # tight square box (cx, cy, size) in pixels, before the crop scale
-    file: str = ""
-    verts: np.ndarray | None = None  # (N, 3) metres
-    visible: np.ndarray | None = None  # (21,) bool
-    extra: dict = field(default_factory=dict)
-
-
 class HandDataset(Dataset):
     """Shared plumbing: per-(seed, epoch, index) randomness, the crop pipeline and the item contract.
 
@@ -249,16 +210,12 @@ class HandDataset(Dataset):
 
     def label_targets(self, index: int) -> dict:
         """Item `index`'s label keys (float64 numpy), as `__getitem__` makes them, without the image."""
-        from .transforms import label_targets  # transforms imports this module
-
         return label_targets(self.label_sample(index), img_size=self.img_size, augment=self.augment,
                              rng=self.rng_for(index))
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {type(self).__name__} of length {len(self)}")
-        from .transforms import build_item  # transforms imports this module
-
         if not self.skip_bad:
             raw = self.load_raw(index)
             return build_item(raw, index=index, img_size=self.img_size, augment=self.augment,
@@ -311,23 +268,3 @@ class SkipCounter:
         """Sum the counts of every rank into `total` (every rank must call it at the same point)."""
         self.total = self.saved + all_reduce_sum(self.local, device)
         return self.total
-
-
-ITEM_KEYS = ("image", "joints_xyz", "joints_uvd", "K", "root_depth", "bone", "prompts", "meta")
-
-
-def check_item(item: dict, img_size: int | None = None) -> None:
-    """Assert an item keeps the contract of docs/conventions.md (used by tests and check_data.py)."""
-    missing = [k for k in ITEM_KEYS if k not in item]
-    if missing:
-        raise DatasetError(f"item is missing keys {missing}")
-    img = item["image"]
-    if not (isinstance(img, torch.Tensor) and img.dtype == torch.float32 and img.ndim == 3 and img.shape[0] == 3):
-        raise DatasetError(f"item['image'] must be float32 3xSxS, got {getattr(img, 'shape', type(img))}")
-    if img_size is not None and tuple(img.shape[1:]) != (img_size, img_size):
-        raise DatasetError(f"item['image'] is {tuple(img.shape[1:])}, expected {(img_size, img_size)}")
-    for k in ("joints_xyz", "joints_uvd"):
-        if tuple(item[k].shape) != (NUM_JOINTS, 3):
-            raise DatasetError(f"item['{k}'] must be ({NUM_JOINTS}, 3), got {tuple(item[k].shape)}")
-    if tuple(item["K"].shape) != (3, 3):
-        raise DatasetError(f"item['K'] must be 3x3, got {tuple(item['K'].shape)}")

@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import DatasetError
 from ..geometry import crop_and_rotate, project, square_box
-from .base import (DatasetError, HandDataset, RawSample, check_lengths, holdout_split, image_size, load_json,
-                   read_image, require_dir, split_name, spread)
+from .base import (HandDataset, check_lengths, holdout_split, image_size, load_json, read_image, require_dir,
+                   split_name, spread)
+from .sample import RawSample
 from .transforms import EVAL_CROP, CropAugment, box_from_mask, normalize_image
 
 RELEASE_UNIQUE_TRAIN = 32560  # the release's unique training hands; for messages only

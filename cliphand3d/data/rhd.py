@@ -17,10 +17,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..errors import DatasetError
 from ..geometry import mirror_lr, project, square_box
 from ..skeleton import NUM_JOINTS, rhd_to_mpii
-from .base import (DatasetError, HandDataset, RawSample, holdout_split, load_plain_pickle, read_image, read_image_raw,
-                   require_dir, split_name, spread)
+from .base import (HandDataset, holdout_split, load_plain_pickle, read_image, read_image_raw, require_dir,
+                   split_name, spread)
+from .sample import RawSample
 from .transforms import CropAugment, box_from_mask
 
 PAGE_URL = "https://lmb.informatik.uni-freiburg.de/resources/datasets/RenderedHandposeDataset.en.html"

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..geometry import crop_and_rotate, crop_intrinsics, points_to_uvd, square_box, xyz_to_uvd
-from .base import RawSample
+from .sample import RawSample
 
 
 @dataclass

@@ -18,7 +18,8 @@ from ..geometry import mirror_lr, project
 from ..skeleton import BONES, FINGER_CHAINS, FINGERS, NUM_JOINTS, mpii_to_rhd
 from . import rhd
 from .hand_model import SEGMENTS
-from .synthetic import EVAL_SEED_OFFSET, VIEWS, render, sample_hand
+from .render import render
+from .synthetic import EVAL_SEED_OFFSET, VIEWS, sample_hand
 
 JPEG_QUALITY = 95
 MANO_PARAMS = 61  # FreiHAND's training_mano entries are 1 x 61; we have no MANO fit and write zeros

@@ -1,21 +1,18 @@
 """ResNet image encoder returning the feature pyramid F0..F4 (DESIGN 1.3).
 
 `pretrained` is None (random init), a torchvision weight tag ("IMAGENET1K_V1", "DEFAULT", ...) or a
-local state-dict file. Tags are resolved from the torch hub cache first; the network is touched only
-when a quick probe says it is reachable, so an offline run fails at once with one readable error.
+local state-dict file, found by `pretrained.torchvision_weights` (caches first, offline-safe).
 """
 from __future__ import annotations
 
 import os
-import threading
-import urllib.request
-from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PretrainedWeightsError
+from .pretrained import BACKBONE_FIX, torchvision_weights
 
 CHOICES: dict[str, list[int]] = {
     # F0 (stem), F1..F4 (layer1..layer4) channels.
@@ -25,13 +22,6 @@ CHOICES: dict[str, list[int]] = {
 }
 STRIDES = (4, 4, 8, 16, 32)
 STAGES = (4, 3)  # residual stages kept: all four, or up to layer3
-
-_OVERRIDE_HINT = ("set model.pretrained=null (random init) or "
-                  "model.pretrained=/path/to/state_dict.pth (a local file)")
-
-
-class PretrainedWeightsError(RuntimeError):
-    """Pretrained weights were asked for but cannot be obtained or do not fit the network."""
 
 
 class ResNetBackbone(nn.Module):
@@ -64,7 +54,7 @@ class ResNetBackbone(nn.Module):
         else:
             self.channels[4], self.strides[4] = self.channels[3], self.strides[3]
         if pretrained is not None and str(pretrained) != "":
-            state, source = resolve_pretrained(name, pretrained)
+            state, source = torchvision_weights(name, pretrained)
             self._load(state, source)
 
     def _load(self, state: dict, source: str) -> None:
@@ -80,7 +70,7 @@ class ResNetBackbone(nn.Module):
             raise PretrainedWeightsError(
                 f"{source} does not fit a {self.name} backbone: missing {missing[:4]}, unexpected "
                 f"{unexpected[:4]}, wrong shape {wrong[:4]} (showing up to 4 each). Use a {self.name} "
-                f"state dict with torchvision parameter names, or {_OVERRIDE_HINT}.")
+                f"state dict with torchvision parameter names, or {BACKBONE_FIX}.")
         self.load_state_dict(state)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -90,71 +80,3 @@ class ResNetBackbone(nn.Module):
         f3 = self.layer3(f2)
         f4 = self.layer4(f3) if self.stages == 4 else f3
         return [f0, f1, f2, f3, f4]
-
-
-def resolve_pretrained(name: str, pretrained: str | os.PathLike) -> tuple[dict, str]:
-    """(state_dict, description of where it came from) for a tag or a local file."""
-    text = str(pretrained)
-    path = Path(os.path.expanduser(text))
-    if path.is_file():
-        return _load_file(path), f"local file {path}"
-    if os.sep in text or path.suffix in (".pth", ".pt", ".ckpt", ".bin"):
-        raise PretrainedWeightsError(f"model.pretrained={text!r}: no such file; "
-                                     f"{_OVERRIDE_HINT}")
-    tags = torchvision.models.get_model_weights(name)
-    if text not in tags.__members__:
-        raise PretrainedWeightsError(
-            f"model.pretrained={text!r} is neither a file nor a torchvision tag for {name} "
-            f"(tags: {sorted(tags.__members__)}); {_OVERRIDE_HINT}")
-    weights = tags[text]
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-    if cached.is_file():
-        return _load_file(cached), f"torch hub cache {cached}"
-    if _offline_env() or not _reachable(weights.url):
-        raise PretrainedWeightsError(
-            f"model.pretrained={text!r}: {name} weights {weights} are not in the torch hub "
-            f"cache ({cached}) and {weights.url} cannot be reached (offline); {_OVERRIDE_HINT}")
-    try:
-        state = weights.get_state_dict(progress=True, check_hash=True)
-    except Exception as err:  # network failures surface as many exception types
-        raise PretrainedWeightsError(
-            f"model.pretrained={text!r}: downloading {weights.url} failed "
-            f"({type(err).__name__}: {err}); {_OVERRIDE_HINT}") from None
-    return state, f"torchvision {weights}"
-
-
-def _load_file(path: Path) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise PretrainedWeightsError(f"cannot read weights file {path} ({type(err).__name__}: {err}); "
-                                     f"{_OVERRIDE_HINT}") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise PretrainedWeightsError(f"{path} does not hold a state dict (name -> tensor); "
-                                     f"{_OVERRIDE_HINT}")
-    return state
-
-
-def _offline_env() -> bool:
-    # The project runs offline with HF_HUB_OFFLINE=1; honour it (and TORCH_HUB_OFFLINE) here too.
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
-               for k in ("HF_HUB_OFFLINE", "TORCH_HUB_OFFLINE"))
-
-
-def _reachable(url: str, timeout: float = 3.0) -> bool:
-    """HEAD request in a daemon thread: bounds the wait even when name resolution hangs."""
-    ok = threading.Event()
-
-    def probe() -> None:
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
-                ok.set()
-        except Exception:
-            pass
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return ok.is_set()

@@ -31,42 +31,24 @@ JOINTS_FROM = ("uvd", "xyz")
 
 class CLIPHand3D(nn.Module):
     def __init__(
-        self,
-        *,
-        template: MeshTemplate | dict,
-        img_size: int = 256,
-        backbone: str = "resnet50",
-        pretrained: str | None = None,
-        backbone_stages: int = 4,
-        deconv_channels: int = 256,
-        num_deconv: int = 2,
-        depth_bins: int = 64,
-        depth_range: float = 3.0,
-        joint_feature_impl: str = "factorized",
-        joint_feature_sigma: float = 2.5,
-        joint_feature_hidden: int = 256,
-        token_dim: int = 512,
-        widths: Sequence[int] = (512, 256, 128, 64, 32),
-        blocks_per_stage: int | Sequence[int] = 2,
-        heads: int = 4,
-        embed_dim: int = 512,
-        axes: Sequence[str] = ("x", "y", "z"),
-        z_head: str = "linear",
-        coord_units: str = "unit",
-        bin_offset: float = 0.5,
-        heat_grid: str = "centres",
-        joint_feature_conv_bias: bool = False,
-        joint_tokens: str = "pool",
-        cue_maps: str = "pyramid",
-        cue_padding: str = "border",
-        cue_placement: str = "before",
-        block: str = "torch",
-        mlp_ratio: int = 4,
-        stage_head: str = "norm_linear",
-        attention_over: str = "nodes",
-        joints_from: str = "uvd",
+        self, *, template: MeshTemplate | dict, img_size: int = 256,
+        # image encoder and the 1D-heatmap joint regressor
+        backbone: str = "resnet50", pretrained: str | None = None, backbone_stages: int = 4,
+        deconv_channels: int = 256, num_deconv: int = 2, depth_bins: int = 64, depth_range: float = 3.0,
+        # per-joint features from the heat volume
+        joint_feature_impl: str = "factorized", joint_feature_sigma: float = 2.5, joint_feature_hidden: int = 256,
+        # the coarse-to-fine regressor
+        token_dim: int = 512, widths: Sequence[int] = (512, 256, 128, 64, 32),
+        blocks_per_stage: int | Sequence[int] = 2, heads: int = 4,
+        # pose-aware features aligned with text
+        embed_dim: int = 512, axes: Sequence[str] = ("x", "y", "z"),
+        # named choices, set to the released network's by configs/model/released.yaml (docs/released.md)
+        z_head: str = "linear", coord_units: str = "unit", bin_offset: float = 0.5, heat_grid: str = "centres",
+        joint_feature_conv_bias: bool = False, joint_tokens: str = "pool", cue_maps: str = "pyramid",
+        cue_padding: str = "border", cue_placement: str = "before", block: str = "torch", mlp_ratio: int = 4,
+        stage_head: str = "norm_linear", attention_over: str = "nodes", joints_from: str = "uvd",
         uv_pixel_offset: float = 0.5,
-        channels_last: bool = False,
+        channels_last: bool = False,  # a speed option (NHWC), not a design choice
     ):
         super().__init__()
         if joints_from not in JOINTS_FROM:
@@ -75,20 +57,42 @@ class CLIPHand3D(nn.Module):
         self.img_size = int(img_size)
         self.depth_range = float(depth_range)
         self.axes = tuple(axes)
+        # built in this order, which fixes how the seeded initialisation is shared out among the parts
+        self._build_joint_path(backbone=backbone, pretrained=pretrained, backbone_stages=backbone_stages,
+                               deconv_channels=deconv_channels, num_deconv=num_deconv, depth_bins=depth_bins,
+                               z_head=z_head, coord_units=coord_units, bin_offset=bin_offset, embed_dim=embed_dim)
+        self.joint_features = JointFeatures(in_channels=self.backbone.channels[0], depth_bins=depth_bins,
+                                            sigma=joint_feature_sigma, hidden=joint_feature_hidden,
+                                            out_dim=token_dim, impl=joint_feature_impl, heat_grid=heat_grid,
+                                            conv_bias=joint_feature_conv_bias, tokens=joint_tokens,
+                                            map_size=-(-self.img_size // 4))  # F0 side: stride 4, rounded up
+        self._build_mesh_path(template=template, token_dim=token_dim, widths=widths,
+                              blocks_per_stage=blocks_per_stage, heads=heads, cue_maps=cue_maps,
+                              cue_padding=cue_padding, cue_placement=cue_placement, block=block,
+                              mlp_ratio=mlp_ratio, stage_head=stage_head, attention_over=attention_over)
+        # A speed option, not a design choice: the same function (to float rounding). oneDNN's
+        # convolutions, batch norms and max-pool run faster in NHWC on CPU, and on CUDA with AMP.
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            for part in (self.backbone, self.joint_regressor, self.joint_features):
+                part.to(memory_format=torch.channels_last)
+
+    def _build_joint_path(self, *, backbone, pretrained, backbone_stages, deconv_channels, num_deconv, depth_bins,
+                          z_head, coord_units, bin_offset, embed_dim) -> None:
+        """The image encoder, the 1D-heatmap joint regressor on its F4, and the per-axis pose heads."""
         self.backbone = ResNetBackbone(name=backbone, pretrained=pretrained, stages=backbone_stages)
-        ch = self.backbone.channels
-        self.joint_regressor = JointRegressor(in_channels=ch[4], deconv_channels=deconv_channels,
+        self.joint_regressor = JointRegressor(in_channels=self.backbone.channels[4], deconv_channels=deconv_channels,
                                               num_deconv=num_deconv, depth_bins=depth_bins, z_head=z_head,
                                               coord_units=coord_units, bin_offset=bin_offset,
                                               in_stride=self.backbone.strides[4])
         bins = self.joint_regressor.bins(self.img_size)
         self.pose_heads = PoseFeatureHeads(bins={a: bins[a] for a in self.axes}, embed_dim=embed_dim,
                                            axes=self.axes)
-        self.joint_features = JointFeatures(in_channels=ch[0], depth_bins=depth_bins, sigma=joint_feature_sigma,
-                                            hidden=joint_feature_hidden, out_dim=token_dim,
-                                            impl=joint_feature_impl, heat_grid=heat_grid,
-                                            conv_bias=joint_feature_conv_bias, tokens=joint_tokens,
-                                            map_size=-(-self.img_size // 4))  # F0 side: stride 4, rounded up
+
+    def _build_mesh_path(self, *, template, token_dim, widths, blocks_per_stage, heads, cue_maps, cue_padding,
+                         cue_placement, block, mlp_ratio, stage_head, attention_over) -> None:
+        """The coarse-to-fine regressor and which backbone maps give it image cues."""
+        ch = self.backbone.channels
         self.per_stage_cues = cue_maps == "per_stage"
         cue_channels = (ch[4], ch[3], ch[2], ch[1]) if self.per_stage_cues else (ch[3], ch[2], ch[1])
         self.regressor = CoarseToFineRegressor(template=template, token_dim=token_dim, widths=tuple(widths),
@@ -97,12 +101,6 @@ class CLIPHand3D(nn.Module):
                                                cue_maps=cue_maps, cue_padding=cue_padding,
                                                cue_placement=cue_placement, block=block, mlp_ratio=mlp_ratio,
                                                head=stage_head, attention_over=attention_over)
-        # A speed option, not a design choice: the same function (to float rounding). oneDNN's
-        # convolutions, batch norms and max-pool run faster in NHWC on CPU, and on CUDA with AMP.
-        self.channels_last = bool(channels_last)
-        if self.channels_last:
-            for part in (self.backbone, self.joint_regressor, self.joint_features):
-                part.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor, pose_features: bool = False) -> dict:
         if images.dim() != 4 or images.shape[1] != 3:

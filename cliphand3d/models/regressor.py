@@ -93,7 +93,7 @@ def sdpa_attention():
 
     Without grad, nn.TransformerEncoderLayer and nn.MultiheadAttention take PyTorch's "fast path",
     which on the CPU materialises each N x N attention matrix (bmm + softmax): over the 778 mesh nodes
-    at batch 32 that cost ~10% of the paper-sized model's forward (README "Performance"). Training
+    at batch 32 that cost ~10% of the paper-sized model's forward (docs/performance.md). Training
     already runs the SDPA kernels; this makes inference run the same ones (the same function, to
     float rounding). The switch is PyTorch's global one, restored on exit."""
     was = torch.backends.mha.get_fastpath_enabled()

@@ -131,7 +131,7 @@ def _normalise(points: np.ndarray, joints: np.ndarray) -> np.ndarray:
     return (points.astype(np.float64) - root) / bone
 
 
-def _palm_frames(joints_n: np.ndarray) -> np.ndarray:
+def palm_frames(joints_n: np.ndarray) -> np.ndarray:
     """(..., 21, 3) -> (..., 3, 3) rotations whose rows are the canonical axes (module docstring)."""
     y = joints_n[..., _MIDDLE_MCP, :] - joints_n[..., REF_BONE[0], :]
     y = y / np.linalg.norm(y, axis=-1, keepdims=True)
@@ -149,7 +149,7 @@ def _align(joints_n: np.ndarray, iters: int) -> np.ndarray:
     then turns the result into the canonical palm frame of the mean, so the template does not depend
     on any sample's camera orientation.
     """
-    rots = _palm_frames(joints_n)
+    rots = palm_frames(joints_n)
     for _ in range(iters):
         ref = (joints_n @ np.swapaxes(rots, -1, -2)).mean(0)
         new = rigid_rotations(joints_n, ref)
@@ -158,7 +158,7 @@ def _align(joints_n: np.ndarray, iters: int) -> np.ndarray:
         if done:
             break
     ref = (joints_n @ np.swapaxes(rots, -1, -2)).mean(0)
-    return _palm_frames(ref) @ rots
+    return palm_frames(ref) @ rots
 
 
 # --------------------------------------------------------------------------- sampling and J

@@ -18,33 +18,20 @@ A random tower (pretrained=None) is initialised from a fixed seed, so rebuilding
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import socket
-import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PretrainedWeightsError
+from .pretrained import open_clip_weights, read_state_dict
 from .tokens import CachedTokenizer
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 TOWER_KEYS = ("layers", "width", "heads", "context_length", "embed_dim", "mlp_ratio")
 # Names of the text tower's tensors in open_clip CLIP / OpenAI checkpoints and in TextTransformer.
 _TOWER_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
-_FIX = (
-    "use random text weights with the override text.pretrained=null, or download the checkpoint on a "
-    "machine with internet and pass its local path: text.pretrained=/path/to/checkpoint.pt"
-)
-
-
-class PretrainedWeightsUnavailable(RuntimeError):
-    """Pretrained text weights cannot be found or read. The message names the override that fixes it."""
 
 
 # --------------------------------------------------------------------------- building
@@ -105,157 +92,8 @@ def build_text_tower(text_cfg: dict, embed_dim: int, quick_gelu: bool, seed: int
 
 
 # --------------------------------------------------------------------------- pretrained weights
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _looks_like_path(s: str) -> bool:
-    return os.sep in s or "/" in s or s.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _cached_tag_file(pcfg: dict) -> str | None:
-    """The tag's weights if already in open_clip's (URL) or the Hugging Face cache; never downloads."""
-    url = pcfg.get("url", "")
-    if url:
-        path = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
-        # open_clip writes downloads in place, so an interrupted one leaves a partial file behind.
-        expected = url.split("/")[-2] if "openaipublic" in url else ""
-        if path.is_file() and (not expected or _sha256(path).startswith(expected)):
-            return str(path)
-    hub = pcfg.get("hf_hub", "")
-    if hub:
-        try:
-            from huggingface_hub import hf_hub_download
-        except ImportError:
-            return None
-        from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
-
-        # open_clip's convention: "org/repo/" means the default file names, "org/repo/file" one file.
-        repo, filename = os.path.split(hub)
-        for name in [filename] if filename else [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]:
-            try:
-                return hf_hub_download(repo_id=repo, filename=name, local_files_only=True)
-            except Exception:  # not cached: the caller reports it
-                continue
-    return None
-
-
-def _download_host(pcfg: dict) -> str | None:
-    """The host open_clip will download from (the Hub is preferred when installed)."""
-    try:
-        import huggingface_hub  # noqa: F401
-
-        if pcfg.get("hf_hub"):
-            return "huggingface.co"
-    except ImportError:
-        pass
-    return urlparse(pcfg.get("url", "")).hostname
-
-
-def _reachable(host: str, timeout: float = 3.0) -> bool:
-    # The Hub client retries for about a minute before failing; a quick probe fails in seconds.
-    # Behind a proxy a direct connection says nothing, so trust the download to report instead.
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def resolve_pretrained(model_name: str, pretrained: str) -> tuple[str, dict]:
-    """A local file for `pretrained` (a path or an open_clip tag) and the tag's config ({} for paths).
-
-    Downloads only when online; offline (HF_HUB_OFFLINE=1) or on any download failure raises ONE
-    PretrainedWeightsUnavailable naming the fix, never a raw network traceback.
-    """
-    import open_clip
-    from open_clip import pretrained as oc_pretrained
-
-    path = Path(os.path.expanduser(pretrained))
-    if path.is_file():
-        return str(path), {}
-    pcfg = oc_pretrained.get_pretrained_cfg(model_name, pretrained)
-    if not pcfg:
-        if _looks_like_path(pretrained):
-            raise PretrainedWeightsUnavailable(
-                f"text.pretrained={pretrained!r}: file not found. Fix: give an existing checkpoint path, "
-                f"or text.pretrained=null for random text weights"
-            )
-        tags = open_clip.list_pretrained_tags_by_model(model_name)
-        raise PretrainedWeightsUnavailable(
-            f"text.pretrained={pretrained!r} is neither a file nor an open_clip tag of {model_name} "
-            f"(tags: {tags}). Fix: {_FIX}"
-        )
-    cached = _cached_tag_file(pcfg)
-    if cached:
-        return cached, pcfg
-    where = f"open_clip tag {pretrained!r} of {model_name}"
-    if _offline():
-        raise PretrainedWeightsUnavailable(
-            f"text encoder: pretrained weights ({where}) are not in the local cache and HF_HUB_OFFLINE=1 "
-            f"forbids downloading. Fix: {_FIX}"
-        )
-    host = _download_host(pcfg)
-    if host and not _reachable(host):
-        raise PretrainedWeightsUnavailable(
-            f"text encoder: pretrained weights ({where}) are not in the local cache and {host} cannot be "
-            f"reached (no network?). Fix: {_FIX}"
-        )
-    try:
-        return oc_pretrained.download_pretrained(pcfg), pcfg
-    except Exception as e:  # network, hub and checksum errors all mean the same thing to the user
-        raise PretrainedWeightsUnavailable(
-            f"text encoder: could not download pretrained weights ({where}): {type(e).__name__}: {e}. "
-            f"Fix: {_FIX}"
-        ) from None
-
-
-def _is_torchscript(path: str) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
-
-
-def read_state_dict(path: str, allow_torchscript: bool = False) -> dict[str, torch.Tensor]:
-    """A checkpoint's tensors: safetensors, or torch.load(weights_only=True) of a state dict or of
-    {"state_dict": ...}. TorchScript archives (OpenAI's own .pt) only when `allow_torchscript`:
-    loading one runs code, so only official tag downloads (checksummed by open_clip) are trusted."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        obj = load_file(path, device="cpu")
-    elif _is_torchscript(path):
-        if not allow_torchscript:
-            raise PretrainedWeightsUnavailable(
-                f"text.pretrained={path!r} is a TorchScript archive, which is not loaded from a path "
-                f"(it executes code). Fix: convert it once to a state dict: torch.save(torch.jit.load(p, "
-                f"map_location='cpu').state_dict(), 'clip_state_dict.pt') and pass that file"
-            )
-        obj = torch.jit.load(path, map_location="cpu").state_dict()
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise PretrainedWeightsUnavailable(
-                f"text.pretrained={path!r}: not a readable state dict ({type(e).__name__}: {e}). Fix: "
-                f"save the CLIP (or text tower) weights with torch.save(model.state_dict(), path)"
-            ) from None
-    if isinstance(obj, Mapping) and "state_dict" in obj:
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise PretrainedWeightsUnavailable(f"text.pretrained={path!r}: expected a state dict, got {type(obj).__name__}")
-    return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
+# (found by models/pretrained.py: local files, caches, downloads when online)
+SAVE_FIX = "save the CLIP (or text tower) weights with torch.save(model.state_dict(), path)"
 
 
 def text_tower_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -267,11 +105,12 @@ def text_tower_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def load_tower_weights(tower: nn.Module, path: str, allow_torchscript: bool = False) -> None:
-    sd = text_tower_state(read_state_dict(path, allow_torchscript))
+    sd = text_tower_state(read_state_dict(path, key="text.pretrained", fix=SAVE_FIX,
+                                          allow_torchscript=allow_torchscript))
     try:
         tower.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise PretrainedWeightsUnavailable(
+        raise PretrainedWeightsError(
             f"text.pretrained={path!r} does not match the text tower built from text.model_name / "
             f"text.tower: {e}"
         ) from None
@@ -320,7 +159,7 @@ class TextEncoder(nn.Module):
                 f"text.embed_dim={embed_dim} but text.model_name={model_name!r} with text.tower gives "
                 f"{built_dim}; set text.tower.embed_dim or fix text.embed_dim"
             )
-        path, pcfg = (None, {}) if pretrained is None else resolve_pretrained(model_name, str(pretrained))
+        path, pcfg = (None, {}) if pretrained is None else open_clip_weights(model_name, str(pretrained))
         if quick_gelu is None:
             quick_gelu = bool(pcfg.get("quick_gelu", model_quick_gelu))
         tower_module = build_text_tower(text_cfg, built_dim, quick_gelu, seed)

@@ -71,3 +71,19 @@ class TrainingModule(nn.Module):
             text_feats = self.adapters(raw)
         terms = self.criterion(outputs, batch, text_feats=text_feats)
         return outputs, terms
+
+
+class TextBranch:
+    """prompts {axis: [str]} -> adapted text features (the frozen encoder, then the trained adapters in eval
+    mode): what train-time validation and eval.py score pose -> text retrieval with."""
+
+    def __init__(self, encoder, adapters):
+        self.encoder, self.adapters = encoder, adapters
+
+    def __call__(self, prompts: dict) -> dict:
+        was = self.adapters.training
+        self.adapters.eval()
+        try:
+            return self.adapters(self.encoder.encode_axes(prompts))
+        finally:
+            self.adapters.train(was)

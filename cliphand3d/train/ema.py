@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from cliphand3d.checkpoint import check_state_dict_compat, unwrap_model
-from .errors import ConfigError
+from ..checkpoint.weights import check_state_dict_compat
+from ..errors import ConfigError
+from ..runtime import unwrap
 
 
 class ModelEMA:
@@ -33,7 +34,7 @@ class ModelEMA:
         self.decay = float(decay)
         self.warmup = bool(warmup)
         self.updates = 0
-        self.module = copy.deepcopy(unwrap_model(model)).float().eval()
+        self.module = copy.deepcopy(unwrap(model)).float().eval()
         self.module.requires_grad_(False)
 
     def current_decay(self, n: int | None = None) -> float:
@@ -43,7 +44,7 @@ class ModelEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        src = unwrap_model(model)
+        src = unwrap(model)
         d = self.current_decay()
         self.updates += 1
         shadow_params = dict(self.module.named_parameters())

@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .. import viz
+from ..evaluation.figures import pck_curve_figure, prediction_tile, ranked_samples
+
 log = logging.getLogger(__name__)
 
 
@@ -47,44 +50,25 @@ class RunLogger:
             self.writer.add_scalar(tag, float(value), step)
 
     def validation_figures(self, dataset, preds: dict, step: int) -> None:
-        """Predicted skeletons on the first validation crops (over the true one, and alone) and the
-        protocol's PCK curve."""
+        """Predicted skeletons on the first validation crops (over the true one, and alone), the best /
+        median / worst samples (eval.py's samples.png) and the protocol's PCK curve."""
         if self.writer is None:
             return
-        from . import metrics, viz
-        from .data.transforms import denormalize_image
-        from .geometry import project
-
         n = min(self.num_images, len(preds["pred_xyz"]))
         tiles = []
         for i in range(n):
             item = dataset[int(preds["index"][i])]
-            img = denormalize_image(item["image"])
-            K = item["K"].numpy().astype(np.float64)
-            gt_uv = project(item["joints_xyz"].numpy().astype(np.float64), K)
-            pred_uv = project(preds["pred_xyz"][i].astype(np.float64), K)
-            tiles.append(viz.draw_pred_vs_gt(img, pred_uv, gt_uv))
+            tiles.append(prediction_tile(item, preds["pred_xyz"][i], item["joints_xyz"].numpy()))
         if tiles:
             self.writer.add_images("val/skeletons", np.stack(tiles), step, dataformats="NHWC")
-        # the curve whose area is logged as val/auc_pa_0_50 (FreiHAND) or val/auc_0_50 (RHD)
         protocol = getattr(dataset, "protocol", "freihand")
-        visible = preds.get("visible") if protocol == "rhd" else None
-        self._ranked_samples(dataset, preds, protocol, step)
-        curve = metrics.protocol_pck_curve(protocol, preds["pred_xyz"], preds["gt_xyz"], visible)
+        grid = ranked_samples(dataset, preds, protocol, self.samples_per_group)
+        if grid is not None:
+            self.writer.add_image("val/samples", viz.grid_image(*grid[:2], cols=grid[2]), step, dataformats="HWC")
+        # the curve whose area is logged as val/auc_pa_0_50 (FreiHAND) or val/auc_0_50 (RHD)
         title = "val PCK, hand3d (root, bone, visible)" if protocol == "rhd" else "val PCK, Procrustes-aligned"
-        self.writer.add_figure("val/pck", viz.pck_figure({"model": curve}, title=title), step)
-
-    def _ranked_samples(self, dataset, preds: dict, protocol: str, step: int) -> None:
-        """The grid eval.py writes as samples.png: best / median / worst by the protocol's per-sample error."""
-        from . import viz
-        from .evaluate import SAMPLE_GROUPS, error_sample_grid, protocol_errors
-
-        per_sample, _ = protocol_errors(protocol, preds)
-        if not np.isfinite(per_sample).any():
-            return
-        tiles, captions = error_sample_grid(dataset, preds, per_sample, self.samples_per_group)
-        grid = viz.grid_image(tiles, captions, cols=len(tiles) // len(SAMPLE_GROUPS))
-        self.writer.add_image("val/samples", grid, step, dataformats="HWC")
+        self.writer.add_figure("val/pck", pck_curve_figure(protocol, {"model": preds["pred_xyz"]}, preds, title),
+                               step)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data import freihand as fh
+from ..data import rhd
+from ..data.base import load_json, read_image, spread
+from ..data.sample import check_item
+from ..data.transforms import denormalize_image
+from ..errors import DatasetError
 from ..geometry import project
 from ..viz import draw_skeleton, make_grid
-from . import freihand as fh
-from . import rhd
-from .base import DatasetError, check_item, load_json, read_image, spread
-from .transforms import denormalize_image
 
 
 @dataclass(frozen=True)

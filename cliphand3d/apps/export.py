@@ -29,7 +29,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from .preflight import ConfigError, check_writable
+from ..build import load_model, model_overrides
+from ..errors import ConfigError, MissingExtraError, ParityError
+from ..preflight import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +43,6 @@ PARITY_TOL = 1e-4
 FORMATS = ("onnx",)
 # The graph optimiser logs every rewrite at INFO, hundreds of lines under the scripts' stdout logging.
 CHATTY_LOGGERS = ("onnxscript", "onnx_ir")
-
-
-class MissingExtraError(ImportError):
-    """An optional dependency of the `onnx` extra is not installed."""
-
-
-class ParityError(RuntimeError):
-    """The exported graph does not compute what the PyTorch model computes."""
 
 
 def require(*modules: str):
@@ -211,9 +205,6 @@ def check_export(model: nn.Module, onnx_path, batch: int, tol: float = PARITY_TO
 
 def run_export(cfg: DictConfig) -> dict:
     """scripts/export.py: checkpoint -> ONNX file, with the parity check when cfg.check."""
-    from .build import load_model
-    from .evaluate import model_overrides
-
     if str(cfg.format) not in FORMATS:
         raise ConfigError(f"format={cfg.format}: the formats are {', '.join(FORMATS)}")
     out = pathlib.Path(str(cfg.out)).expanduser()

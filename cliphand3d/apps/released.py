@@ -10,7 +10,6 @@ ours -> released to say which released keys a file must hold.
 from __future__ import annotations
 
 import logging
-import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .build import CONFIGS
-from .checkpoint import _REFUSAL_MARKS, CheckpointError, config_to_container, save_checkpoint
-from .skeleton import MANO_TO_MPII, NUM_JOINTS, REF_BONE
+from ..build import build_adapters, build_criterion, build_model, compose_config, embed_dim
+from ..checkpoint.io import save_checkpoint
+from ..checkpoint.state import inference_checkpoint
+from ..errors import ReleasedCheckpointError
+from ..models.template import MeshTemplate, palm_frames
+from ..serialization import load_torch_file, refused_object
+from ..skeleton import MANO_TO_MPII, NUM_JOINTS, REF_BONE
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +45,6 @@ DROPPED_PREFIXES = ("Seg_Decoder.", "logit_scale_xz", "logit_scale_yz", "logit_s
 # Keys only the released network has: a file with none of them is some other checkpoint.
 SIGNATURE = ("Pose2Feat_.conv0.0.weight", "Feat_down_.0.weight", "MR_21_98_.UP_Layer.fc.weight", "J_Reg",
              "PoseNet.conv_z_2.0.weight")
-
-
-class ReleasedCheckpointError(CheckpointError):
-    """The file is not the released CLIP-Hand3D checkpoint, or not all of it."""
 
 
 def _rules() -> list[tuple[str, str]]:
@@ -118,15 +117,14 @@ def read_released(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
         raise FileNotFoundError(f"src={path}: no such file; download {RELEASED_FILE} by hand from the link in "
                                 "the README of github.com/ShaoXiang23/CLIP_Hand_Demo and pass its path")
     try:
-        with torch.serialization.safe_globals(_numpy_scalar_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_torch_file(path, safe_globals=_numpy_scalar_globals())
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
         text = str(e)
-        refusal = [ln.strip() for ln in text.splitlines() if any(m in ln for m in _REFUSAL_MARKS)]
-        if isinstance(e, pickle.UnpicklingError) and refusal:
+        refusal = refused_object(e)
+        if refusal is not None:
             raise ReleasedCheckpointError(
                 f"{path} holds pickled objects beyond tensors and numbers "
-                f"({refusal[0].split(' was not an allowed global')[0]}); refusing to unpickle it (that would "
+                f"({refusal}); refusing to unpickle it (that would "
                 f"run code from the file). The released {RELEASED_FILE} holds only tensors and numbers: "
                 "download it again from the authors' link") from None
         raise ReleasedCheckpointError(
@@ -162,21 +160,13 @@ def _plain(v: Any) -> Any:
 
 def released_config(overrides: Sequence[str] = ()):
     """The training config of the released preset (train.yaml + CONFIG_OVERRIDES + `overrides`)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():
-        GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose("train", overrides=[*CONFIG_OVERRIDES, *overrides])
+    return compose_config("train", [*CONFIG_OVERRIDES, *overrides], fresh=True)
 
 
 def released_template(state: Mapping[str, torch.Tensor]):
     """Our MeshTemplate from the released buffers: Vertx_778 as the vertices, J_Reg in MPII order; each
     coarse level's nodes are the vertices nearest to its Vertx_* positions (exact when they are a subset;
     only the deep-supervision targets of fine-tuning read these indices)."""
-    from .models.template import MeshTemplate, _palm_frames
-
     want = {"J_Reg": (NUM_JOINTS, LEVELS[-1]), **{f"Vertx_{n}": (n, 3) for n in LEVELS}}
     bad = [f"{k}: {tuple(state[k].shape) if k in state else 'missing'} (want {s})" for k, s in want.items()
            if k not in state or tuple(state[k].shape) != s]
@@ -194,7 +184,7 @@ def released_template(state: Mapping[str, torch.Tensor]):
     bone = np.linalg.norm(joints[REF_BONE[1]] - joints[REF_BONE[0]])
     if not np.isfinite(bone) or bone < 1e-12:
         raise ReleasedCheckpointError("J_Reg @ Vertx_778 puts the wrist on the middle MCP: not the released template")
-    R = _palm_frames((joints - joints[0]) / bone)
+    R = palm_frames((joints - joints[0]) / bone)
     canon = lambda p: ((p - joints[0]) / bone) @ R.T  # noqa: E731
     return MeshTemplate(verts=canon(verts), joints=canon(joints), levels=levels + [np.arange(len(verts))], J=J)
 
@@ -236,22 +226,16 @@ def map_state(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Te
 def _build(cfg, template):
     """(model, {"adapters": ..., "criterion": ...}) of the released preset; new-only parameters (the
     intermediate stage heads) start from a fixed seed, so an import is reproducible."""
-    from hydra.utils import instantiate
-
-    from .build import build_criterion, build_model, embed_dim
-
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = build_model(cfg, template)
-        adapters = instantiate(cfg.text.adapters, embed_dim=embed_dim(cfg), axes=list(cfg.prompt.axes))
+        adapters = build_adapters(cfg, embed_dim(cfg))
         criterion = build_criterion(cfg)
     return model, {"adapters": adapters, "criterion": criterion}
 
 
 def import_released(src: str | Path, out: str | Path, overrides: Sequence[str] = ()) -> dict:
     """Read the released file, map it, write our checkpoint to `out`; returns what was done."""
-    from .trainer import template_state
-
     state, extras = read_released(src)
     template = released_template(state)
     cfg = released_config(overrides)
@@ -267,9 +251,8 @@ def import_released(src: str | Path, out: str | Path, overrides: Sequence[str] =
              and k not in ("model.regressor.template_verts", "model.regressor.template_joints")]
     info = {"source": str(Path(src).name), "released_keys": len(state), "mapped": len(res["mapped"]),
             "dropped": res["dropped"], "initialised_here": fresh, "file_entries": extras}
-    save_checkpoint(out, {"model": model.state_dict(), "train_heads": train_heads,
-                          "template": template_state(template), "config": config_to_container(cfg),
-                          "protocol": "freihand", "imported": info})
+    save_checkpoint(out, inference_checkpoint(model=model.state_dict(), train_heads=train_heads, template=template,
+                                              config=cfg, protocol="freihand", imported=info))
     log.info("imported %s: %d tensors mapped, %d dropped, %d initialised here", src, info["mapped"],
              len(info["dropped"]), len(fresh))
     return info

@@ -10,17 +10,14 @@ import sys
 from contextlib import contextmanager
 
 from omegaconf.errors import MissingMandatoryValue
+from tqdm import tqdm
 
-from .checkpoint import CheckpointError
-from .data.base import DatasetError
-from .export import MissingExtraError, ParityError
-from .models.backbone import PretrainedWeightsError
-from .models.text_encoder import PretrainedWeightsUnavailable
-from .preflight import ConfigError
+from ..errors import (CheckpointError, ConfigError, DatasetError, MissingExtraError, ParityError,
+                      PretrainedWeightsError)
 
 # MissingMandatoryValue: a `???` key (eval.py's ckpt, the demo's input) not given on the command line
-USER_ERRORS = (DatasetError, CheckpointError, PretrainedWeightsError, PretrainedWeightsUnavailable,
-               FileNotFoundError, ConfigError, MissingExtraError, ParityError, MissingMandatoryValue)
+USER_ERRORS = (DatasetError, CheckpointError, PretrainedWeightsError, FileNotFoundError, ConfigError,
+               MissingExtraError, ParityError, MissingMandatoryValue)
 
 
 def _user_error(exc: BaseException) -> BaseException | None:
@@ -48,7 +45,5 @@ def friendly_errors():
 def _close_progress_bars() -> None:
     """A tqdm bar that an exception left open ends its line only when it closes (at garbage collection,
     after our message), so the message would follow the bar on its line; closing it ends that line first."""
-    from tqdm import tqdm
-
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()

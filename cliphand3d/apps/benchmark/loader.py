@@ -1,0 +1,89 @@
+"""Section `loader`: crops/s of one loader worker per data format, beside the bare decode of the same
+files and beside what one training step consumes."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import cv2
+import torch
+from omegaconf import DictConfig
+
+from ...build import build_datasets, build_prompts, compose_config
+from ...data import writers
+from .harness import Rows, interleave, median, num_threads, per_s, timed
+from .runs import StepRunner, train_overrides
+
+
+def bench_loader(cfg: DictConfig, device: torch.device, shared: dict) -> tuple[list, dict]:
+    """Crops/s of one loader worker per data format beside the bare decode of the same image files and
+    beside what one training step consumes."""
+    s = cfg.loader
+    rows, raw = Rows("loader"), {}
+    consume = consumption(cfg, device, shared)
+    rows.add("default step consumes", 1e3 * consume["step_s"] / consume["batch"], "ms/crop",
+             f"{per_s(consume['batch'], consume['step_s'], 'crops')} (batch / step time, {consume['source']})")
+    with tempfile.TemporaryDirectory(prefix="cliphand3d_bench_") as tmp:
+        for fmt, overrides in s.formats.items():
+            dataset, files = loader_dataset(cfg, fmt, overrides, Path(tmp))
+            raw[fmt] = loader_pair(dataset, files, int(s.crops), int(s.rounds), int(s.warmup))
+            worker = median(raw[fmt]["item"]) / raw[fmt]["n"]
+            rows.add(f"{fmt} worker", 1e3 * worker, "ms/crop", per_s(1, worker, "crops"))
+            rows.ratio(f"{fmt} worker / step consumption", "default step consumes", f"{fmt} worker",
+                       "crops/s one worker delivers over crops/s a step takes")
+            if files:
+                decode = median(raw[fmt]["decode"]) / raw[fmt]["n"]
+                rows.add(f"{fmt} bare decode", 1e3 * decode, "ms/crop", f"cv2.imread of the {Path(files[0]).suffix} files")
+                rows.ratio(f"{fmt} per-crop cost / decode", f"{fmt} worker", f"{fmt} bare decode",
+                           "the decode is the floor")
+    return rows.items, raw
+
+
+def consumption(cfg: DictConfig, device: torch.device, shared: dict) -> dict:
+    """The default training step's time: train_step's, or measured here when that section is off."""
+    if "default_step_s" in shared:
+        return {"step_s": shared["default_step_s"], "batch": shared["default_batch"], "source": "train_step"}
+    s = cfg.loader
+    with StepRunner(compose_config("train", train_overrides(cfg)), device) as runner:
+        times = runner(int(s.step_warmup) + int(s.steps))[int(s.step_warmup):]
+    return {"step_s": median(times), "batch": runner.batch_size, "source": f"{len(times)} steps measured here"}
+
+
+def write_fixture(fmt: str, out: Path, hands: int) -> Path:
+    """A small tree in `fmt`'s exact on-disk layout (scripts/make_synthetic.py's writers)."""
+    if fmt == "freihand":
+        return writers.write_freihand(out / fmt, num_train=hands, num_eval=0, seed=0, versions=1, view="upright")
+    return writers.write_rhd(out / fmt, num_train=hands, num_eval=0, seed=0)
+
+
+def loader_dataset(cfg: DictConfig, fmt: str, overrides, tmp: Path):
+    """(training dataset of format `fmt`, its image files or [] when rendered). Crops are the default
+    run's size unless loader.img_size says otherwise, so they match the step that consumes them."""
+    s = cfg.loader
+    size = s.img_size or compose_config("train", train_overrides(cfg)).data.img_size
+    over = [f"data={fmt}", f"data.img_size={int(size)}"]
+    if fmt != "synthetic":
+        over.append(f"data.root={write_fixture(fmt, tmp, int(s.fixture_hands))}")
+    tcfg = compose_config("train", train_overrides(cfg, over, overrides))
+    ds = build_datasets(tcfg, build_prompts(tcfg), splits=("train",))["train"]
+    path = {"freihand": "image_path", "rhd": "color_path"}.get(fmt)
+    files = [str(getattr(ds, path)(i)) for i in range(len(ds))] if path else []
+    return ds, files
+
+
+def loader_pair(dataset, files: list[str], items: int, rounds: int, warmup: int) -> dict:
+    """Seconds per round of `items` dataset items (one process, one torch and one OpenCV thread, as in a
+    DataLoader worker: trainer.single_threaded_worker) and of cv2.imread of the same files; rounds alternate."""
+    idx = [i % len(dataset) for i in range(items)]
+
+    def load():
+        for i in idx:
+            dataset[i]
+
+    fns = {"item": load}
+    if files:
+        fns["decode"] = lambda: [cv2.imread(files[i], cv2.IMREAD_COLOR) for i in idx]
+    with num_threads(1, opencv=True):
+        samples = interleave({k: timed(f, torch.device("cpu")) for k, f in fns.items()}, rounds=rounds,
+                             warmup=warmup)
+    return {**samples, "n": items}

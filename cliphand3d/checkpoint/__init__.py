@@ -1,0 +1,1 @@
+"""Checkpoints: reading and writing them (io), what they hold (state), weights into modules (weights)."""
