@@ -171,6 +171,16 @@ def pck_figure(curves: dict, title: str = "PCK"):
     return fig
 
 
+def save_figure(fig, path: str | Path, **savefig_kwargs) -> Path:
+    """Write a matplotlib figure and close it (pyplot keeps every open figure alive: a video's frames or a
+    folder of inputs would otherwise pile them up)."""
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, **savefig_kwargs)
+    plt.close(fig)
+    return Path(path)
+
+
 def skeleton_3d_figure(xyz: np.ndarray, verts: np.ndarray | None = None, *, title: str = "",
                        views: Sequence[tuple[str, float, float]] = (("camera view", 0.0, -90.0),
                                                                    ("from the side (camera on the left)", 0.0, 0.0))):

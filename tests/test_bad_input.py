@@ -10,10 +10,10 @@ import cv2
 import numpy as np
 import pytest
 
-from cliphand3d.errors import DatasetError
 from cliphand3d.data.freihand import FreiHAND
 from cliphand3d.data.rhd import RHD
 from cliphand3d.data.writers import write_freihand, write_rhd
+from cliphand3d.errors import DatasetError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -198,8 +198,9 @@ def test_onnx_is_compared_or_skipped_with_the_extra_to_install(full_run):
     _, res = full_run
     rows = by_name(res["rows"])
     try:
-        import cliphand3d.apps.export  # noqa: F401
         import onnxruntime  # noqa: F401
+
+        import cliphand3d.apps.export  # noqa: F401
     except ImportError:
         assert rows[("inference", "tiny@64 onnxruntime")]["note"] == ONNX_EXTRA
     else:

@@ -11,12 +11,12 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import cliphand3d.checkpoint.io as ckpt
-from cliphand3d.errors import CheckpointError
+from cliphand3d.checkpoint.io import load_checkpoint, save_checkpoint
 from cliphand3d.checkpoint.state import capture_rng_state, compare_configs, config_to_container, restore_rng_state
 from cliphand3d.checkpoint.weights import check_state_dict_compat, load_model_weights
-from cliphand3d.train.resume import find_resume_checkpoint
-from cliphand3d.checkpoint.io import load_checkpoint, save_checkpoint
+from cliphand3d.errors import CheckpointError
 from cliphand3d.train.ema import ModelEMA
+from cliphand3d.train.resume import find_resume_checkpoint
 
 
 class TinyNet(nn.Module):

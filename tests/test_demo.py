@@ -22,8 +22,8 @@ from cliphand3d.apps.demo.inputs import default_K
 from cliphand3d.build import model_from_checkpoint
 from cliphand3d.data.synthetic import SyntheticHands
 from cliphand3d.data.transforms import normalize_image
-from cliphand3d.geometry import crop_intrinsics, project
 from cliphand3d.errors import ConfigError, InputError
+from cliphand3d.geometry import crop_intrinsics, project
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

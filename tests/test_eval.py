@@ -184,8 +184,8 @@ def test_eval_data_root_as_typed_for_train_py_works_beside_root(trained, other_r
 def test_eval_root_and_data_root_naming_two_folders_is_refused():
     from omegaconf import OmegaConf
 
-    from cliphand3d.evaluation.run import eval_config
     from cliphand3d.errors import ConfigError
+    from cliphand3d.evaluation.run import eval_config
 
     saved = OmegaConf.create({"data": {"root": "/old", "img_size": 64, "test": {"root": "/old"}}})
     run = eval_config(OmegaConf.create({"data": {"root": "/new"}, "root": None}), saved)
@@ -199,8 +199,8 @@ def test_eval_root_and_data_root_naming_two_folders_is_refused():
 def test_a_folder_given_for_generated_data_is_refused_not_ignored():
     from omegaconf import OmegaConf
 
-    from cliphand3d.evaluation.run import eval_config
     from cliphand3d.errors import ConfigError
+    from cliphand3d.evaluation.run import eval_config
 
     saved = OmegaConf.create({"data": {"name": "synthetic", "format": "synthetic", "root": None, "img_size": 64,
                                        "test": {"length": 4}}})

@@ -17,11 +17,10 @@ from hydra import compose, initialize_config_dir
 
 from cliphand3d.apps import export
 from cliphand3d.build import build_model, model_from_checkpoint
-from cliphand3d.checkpoint.state import config_to_container
 from cliphand3d.checkpoint.io import save_checkpoint
-from cliphand3d.models.template import MeshTemplate, farthest_point_sampling
+from cliphand3d.checkpoint.state import config_to_container, template_state
 from cliphand3d.errors import ConfigError
-from cliphand3d.checkpoint.state import template_state
+from cliphand3d.models.template import MeshTemplate, farthest_point_sampling
 
 REPO = Path(__file__).resolve().parents[1]
 S = 64

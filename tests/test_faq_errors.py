@@ -387,10 +387,9 @@ def _(ctx):
 
 @faq("text-branch-missing")
 def _(ctx):
-    from cliphand3d.models.training import TrainingModule
-
     from cliphand3d.losses import CLIPHand3DLoss
     from cliphand3d.models.contrastive import PerAxisContrastiveLoss
+    from cliphand3d.models.training import TrainingModule
 
     crit = instantiate(composed().loss, _convert_="all")
     outputs = {"joints_coarse": torch.zeros(1, 21, 3), "joints": torch.zeros(1, 21, 3)}
@@ -718,10 +717,8 @@ def _(ctx):
 
 @faq("placement")
 def _(ctx):
-    from cliphand3d.evaluation.predict import _placement, predict
-
     from cliphand3d.data.freihand import FreiHAND
-    from cliphand3d.evaluation.predict import check_placement
+    from cliphand3d.evaluation.predict import _placement, check_placement, predict
 
     root = ctx.frei()
     (root / "evaluation_xyz.json").unlink()
@@ -737,7 +734,8 @@ def _(ctx):
 # during training ------------------------------------------------------------------------------------
 @faq("non-finite")
 def _(ctx):
-    from cliphand3d.train.guards import loss_error as _loss_error, skip_or_stop as _skip_or_stop
+    from cliphand3d.train.guards import loss_error as _loss_error
+    from cliphand3d.train.guards import skip_or_stop as _skip_or_stop
 
     net = nn.Linear(2, 2)
     net.weight.grad = torch.full((2, 2), float("nan"))
@@ -786,7 +784,8 @@ def _(ctx):
 
 @faq("demo-inputs")
 def _(ctx):
-    from cliphand3d.apps.demo import hand, inputs, run as demo
+    from cliphand3d.apps.demo import hand, inputs
+    from cliphand3d.apps.demo import run as demo
 
     (ctx.tmp / "bad.png").write_bytes(b"\x89PNG garbage")
     (ctx.tmp / "empty.jpg").write_bytes(b"")

@@ -22,13 +22,11 @@ from torch import nn
 
 import cliphand3d.checkpoint.io as ckpt_mod
 from cliphand3d import preflight
-from cliphand3d.errors import CheckpointError
-from cliphand3d.train.resume import find_resume_checkpoint
 from cliphand3d.checkpoint.io import load_checkpoint, save_checkpoint
-from cliphand3d.errors import DatasetError
 from cliphand3d.data.freihand import FreiHAND
 from cliphand3d.data.writers import write_freihand
-from cliphand3d.errors import ConfigError
+from cliphand3d.errors import CheckpointError, ConfigError, DatasetError
+from cliphand3d.train.resume import find_resume_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN, EVAL = str(REPO / "scripts" / "train.py"), str(REPO / "scripts" / "eval.py")

@@ -3,7 +3,13 @@ import pytest
 import torch
 
 from cliphand3d.models.backbone import ResNetBackbone
-from cliphand3d.models.joint_regressor import JointRegressor, PoseFeatureHeads, depth_to_unit, soft_argmax_1d, unit_to_depth
+from cliphand3d.models.joint_regressor import (
+    JointRegressor,
+    PoseFeatureHeads,
+    depth_to_unit,
+    soft_argmax_1d,
+    unit_to_depth,
+)
 
 
 @pytest.mark.parametrize("bins", [1, 7, 32, 64])

@@ -39,6 +39,7 @@ SAME_LAYER = {
 # Imported inside functions on purpose: optional extras, platform-specific or slow to import.
 LAZY_OK = {
     "matplotlib": "slow to import; only figures need it",
+    "torchvision": "slow to import (~1.3 s); only ImageNet weight tags and the backbone need it",
     "open_clip": "slow to import; only a text tower needs it",
     "huggingface_hub": "comes with open_clip; only a cached tag lookup needs it",
     "safetensors": "comes with open_clip; only a .safetensors weight file needs it",

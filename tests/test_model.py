@@ -1,14 +1,15 @@
 """The assembled CLIP-Hand3D: inference path, gradient flow, and a few real training steps."""
 import math
+
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from cliphand3d.data.prompts import PromptGenerator
-from cliphand3d.errors import ConfigError
 from cliphand3d.data.synthetic import SyntheticHands
 from cliphand3d.data.transforms import CropAugment
+from cliphand3d.errors import ConfigError
 from cliphand3d.losses import CLIPHand3DLoss, heatmap_ce, weighted_total
 from cliphand3d.models.cliphand3d import CLIPHand3D
 from cliphand3d.models.contrastive import PerAxisContrastiveLoss

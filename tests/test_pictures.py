@@ -8,9 +8,9 @@ import pytest
 import torch
 from scipy.linalg import orthogonal_procrustes
 
-from cliphand3d.evaluation import figures, report
 from cliphand3d import metrics, viz
 from cliphand3d.data.transforms import denormalize_image, normalize_image
+from cliphand3d.evaluation import figures, report
 from cliphand3d.geometry import project
 from cliphand3d.skeleton import JOINT_NAMES
 

@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from cliphand3d.apps.released import import_released, read_released
 from cliphand3d.build import model_from_checkpoint
 from cliphand3d.checkpoint.io import load_checkpoint
-from cliphand3d.evaluation.run import eval_batch_size
 from cliphand3d.errors import ReleasedCheckpointError
-from cliphand3d.apps.released import import_released, read_released
+from cliphand3d.evaluation.run import eval_batch_size
 
 REPO = Path(__file__).resolve().parents[1]
 LISTING = REPO / "docs" / "released_state_dict.txt"

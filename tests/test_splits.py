@@ -12,14 +12,14 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from cliphand3d.build import build_datasets, build_template, template_labels
-from cliphand3d.errors import DatasetError
-from cliphand3d.data.sample import check_item
 from cliphand3d.data.base import holdout_split
 from cliphand3d.data.freihand import FreiHAND
 from cliphand3d.data.rhd import RHD
+from cliphand3d.data.sample import check_item
 from cliphand3d.data.synthetic import SPLIT_SEEDS, SyntheticHands
 from cliphand3d.data.transforms import box_from_mask
 from cliphand3d.data.writers import write_freihand, write_rhd
+from cliphand3d.errors import DatasetError
 from cliphand3d.geometry import project
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -13,12 +13,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from cliphand3d.apps.summarize import collect_runs, group_runs
 from cliphand3d.build import build_prompts, text_branch_on
 from cliphand3d.checkpoint.state import compare_configs
 from cliphand3d.errors import ConfigError
 from cliphand3d.preflight import check_config
 from cliphand3d.skeleton import JOINT_NAMES
-from cliphand3d.apps.summarize import collect_runs, group_runs
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

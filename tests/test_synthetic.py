@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from cliphand3d.data.sample import check_item
 from cliphand3d.data.hand_model import CHAINS, LIMITS_HI, LIMITS_LO, MIN_VERTS, flexion_angles, surface_layout
-from cliphand3d.data.synthetic import UPRIGHT_TILT_DEG, SyntheticHands, render_hand, sample_hand
 from cliphand3d.data.render import _draw_order, render
+from cliphand3d.data.sample import check_item
+from cliphand3d.data.synthetic import UPRIGHT_TILT_DEG, SyntheticHands, render_hand, sample_hand
 from cliphand3d.data.transforms import CropAugment
 from cliphand3d.geometry import project
 from cliphand3d.skeleton import BONES, rhd_to_mpii

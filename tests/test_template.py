@@ -6,7 +6,13 @@ import pytest
 
 from cliphand3d import skeleton
 from cliphand3d.models import template as tm
-from cliphand3d.models.template import MeshTemplate, build_template, farthest_point_sampling, joints_only_template, load_or_build_template
+from cliphand3d.models.template import (
+    MeshTemplate,
+    build_template,
+    farthest_point_sampling,
+    joints_only_template,
+    load_or_build_template,
+)
 
 # Procedural stand-in for the synthetic hands: a posed skeleton in metres and a "mesh" of
 # 4-point rings around every bone (at both ends and the middle), so each joint is the centre of

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cliphand3d.models.text_adapter import AxisAdapters
 from cliphand3d.errors import PretrainedWeightsError as PretrainedWeightsUnavailable
+from cliphand3d.models.text_adapter import AxisAdapters
 from cliphand3d.models.text_encoder import TextEncoder
 from cliphand3d.skeleton import JOINT_NAMES
 

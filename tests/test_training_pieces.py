@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from cliphand3d.apps.cli import _user_error
-from cliphand3d.errors import DatasetError
 from cliphand3d.data.sampler import ResumableSampler
+from cliphand3d.errors import DatasetError
 from cliphand3d.train.optim import warmup_cosine
 
 
@@ -74,8 +74,9 @@ def test_cli_error_starts_on_its_own_line_after_a_progress_bar(capsys):
 
 
 def _composed(*overrides):
-    from hydra import compose, initialize_config_dir
     from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
 
     from cliphand3d.checkpoint.state import config_to_container
 
@@ -144,10 +145,10 @@ def test_validation_draws_from_no_training_rng():
     import torch
 
     from cliphand3d.data.synthetic import SyntheticHands
+    from cliphand3d.evaluation.scoring import validate
     from cliphand3d.models.cliphand3d import CLIPHand3D
     from cliphand3d.models.template import joints_only_template
     from cliphand3d.runtime import make_loader
-    from cliphand3d.evaluation.scoring import validate
 
     ds = SyntheticHands(length=8, seed=1, img_size=64, num_verts=200)  # no augmentation
     model = CLIPHand3D(template=joints_only_template(ds.all_labels()[0]), img_size=64, backbone="resnet18",

@@ -15,12 +15,12 @@ import torch
 from torch.utils.data import default_collate
 
 from cliphand3d.data import rhd as rhd_mod
-from cliphand3d.data.sample import check_item
 from cliphand3d.data.freihand import FreiHAND
 from cliphand3d.data.prompts import PromptGenerator
-from cliphand3d.data.rhd import RHD, decode_depth, read_depth
-from cliphand3d.data.synthetic import EVAL_SEED_OFFSET, sample_hand
 from cliphand3d.data.render import render
+from cliphand3d.data.rhd import RHD, decode_depth, read_depth
+from cliphand3d.data.sample import check_item
+from cliphand3d.data.synthetic import EVAL_SEED_OFFSET, sample_hand
 from cliphand3d.data.transforms import CropAugment, denormalize_image
 from cliphand3d.data.writers import encode_depth, write_freihand, write_rhd
 from cliphand3d.geometry import crop_affine, mirror_lr, project

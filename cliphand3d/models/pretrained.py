@@ -19,7 +19,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-import torchvision
 
 from ..errors import PretrainedWeightsError
 from ..serialization import load_torch_file
@@ -106,6 +105,8 @@ def read_state_dict(path: str | os.PathLike, *, key: str, fix: str,
 # --------------------------------------------------------------------------- torchvision (model.pretrained)
 def torchvision_weights(name: str, pretrained: str | os.PathLike) -> tuple[dict, str]:
     """(state dict, where it came from) of ResNet `name` for a local file or a torchvision weight tag."""
+    import torchvision  # slow to import; the backbone that asks has imported it already
+
     text = str(pretrained)
     path = Path(os.path.expanduser(text))
     if path.is_file():

@@ -6,8 +6,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-import matplotlib.pyplot as plt
-
 from ... import viz
 from ...skeleton import SCALE_BONE
 from .inputs import Settings
@@ -56,8 +54,7 @@ def save_views(stem: str, out: Path, image: np.ndarray, res: dict) -> list[Path]
     if not cv2.imwrite(str(paths[0]), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR)):
         raise OSError(f"could not write {paths[0]}")
     fig = viz.skeleton_3d_figure(res["joints_xyz"], res.get("verts_xyz"), title=stem)
-    fig.savefig(paths[1], dpi=100)
-    plt.close(fig)
+    viz.save_figure(fig, paths[1], dpi=100)
     return paths
 
 
