@@ -103,6 +103,39 @@ def all_reduce_sum(value: int, device: torch.device | str = "cpu") -> int:
     return int(t.item())
 
 
+def gather_to_main(obj) -> list | None:
+    """Every rank's `obj` (any picklable value, e.g. a dict of numpy arrays), in rank order, on rank 0; None
+    on the other ranks; [obj] in a single process. A collective: every rank must call it at the same point."""
+    if get_world_size() == 1:
+        return [obj]
+    parts = [None] * get_world_size() if is_main_process() else None
+    dist.gather_object(obj, parts, dst=0)
+    return parts
+
+
+def broadcast_from_main(obj):
+    """Rank 0's `obj` (picklable) on every rank (what the others pass is ignored); `obj` itself in a single
+    process. A collective."""
+    if get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm statistics and the like) copied into every rank's `module`, in place.
+
+    DDP sends rank 0's buffers at the start of each forward, but each rank's training forward then updates
+    its own running statistics: after a step they differ between ranks. Evaluation on several ranks must see
+    one model. A collective; nothing in a single process."""
+    if get_world_size() == 1:
+        return
+    for b in module.buffers():
+        dist.broadcast(b, src=0)
+
+
 # --------------------------------------------------------------------------- set-up
 def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
     """Join the process group when launched by torchrun (RANK / WORLD_SIZE / LOCAL_RANK set).

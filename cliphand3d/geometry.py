@@ -160,7 +160,8 @@ def crop_and_rotate(image: np.ndarray, K: np.ndarray, center, size: float, out_s
     A = crop_affine(center, size, out_size, rot_rad)
     crop = cv2.warpAffine(image, A[:2], (out_size, out_size), flags=interpolation,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=border_value)
-    return (crop, *crop_intrinsics(K, center, size, out_size, rot_rad))
+    R = rotation_z(rot_rad)
+    return crop, A @ K @ R.T, R
 
 
 def crop_intrinsics(K: np.ndarray, center, size: float, out_size: int, rot_rad: float = 0.0):

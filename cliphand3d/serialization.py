@@ -1,4 +1,5 @@
-"""Reading files without running code from them: the project's one `torch.load` and its plain-data unpickler.
+"""Files read without running code from them, and written whole: the project's one `torch.load`, its
+plain-data unpickler, and the one atomic write (checkpoints, the label cache, the template cache).
 
 Checkpoints, pretrained weight files and the authors' released file are read by `load_torch_file`, always
 with `weights_only=True` (tensors, numbers, str, containers; nothing that executes); callers add, by name,
@@ -7,9 +8,12 @@ go through `PlainDataUnpickler`. Callers turn failures into their own errors, wh
 """
 from __future__ import annotations
 
+import glob
 import os
 import pickle
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
@@ -63,3 +67,55 @@ class PlainDataUnpickler(pickle.Unpickler):
 def load_plain_pickle_stream(stream: BinaryIO, encoding: str = "ASCII") -> Any:
     """One pickle from `stream` through PlainDataUnpickler (pickle.UnpicklingError for anything else)."""
     return PlainDataUnpickler(stream, encoding=encoding).load()
+
+
+# --------------------------------------------------------------------------- atomic writes
+def temp_pattern(path: Path) -> str:
+    """The glob of the temp files `write_atomic` makes for `path` (.<name>.<random>.tmp, beside it)."""
+    return f".{glob.escape(path.name)}.*.tmp"
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
+    """write(binary file) into a temp file in `path`'s folder (the same file system, so the rename is atomic),
+    flushed and fsynced before os.replace puts it in place and the folder is fsynced: a crash at any point
+    leaves the old file or the new one, never a part. On any error the temp file is removed and the error
+    re-raised. The file gets the mode a plain open() would give (mkstemp's is 0600), so colleagues sharing a
+    run or a dataset folder can read it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), _default_file_mode())
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; directories cannot be opened this way on Windows.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

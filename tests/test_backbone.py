@@ -5,7 +5,6 @@ import torch
 import torchvision
 
 from cliphand3d.errors import PretrainedWeightsError
-from cliphand3d.models import backbone as bb
 from cliphand3d.models import pretrained
 from cliphand3d.models.backbone import ResNetBackbone
 

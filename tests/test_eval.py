@@ -14,6 +14,7 @@ import torch
 from scipy.linalg import orthogonal_procrustes
 from scipy.spatial import cKDTree
 
+from cliphand3d.data.transforms import model_input
 from cliphand3d.data.writers import write_freihand
 from cliphand3d.skeleton import JOINT_NAMES
 
@@ -56,8 +57,8 @@ def official_fscore(gt, pr, th):
 def trained(tmp_path_factory):
     root = write_freihand(tmp_path_factory.mktemp("fh"), num_train=6, num_eval=N_EVAL, seed=3, versions=2)
     run = tmp_path_factory.mktemp("run")
-    sh(str(REPO / "scripts" / "train.py"), "+experiment=freihand", f"data.root={root}", "data.versions=[0,1]",
-       f"run_dir={run}", f"hydra.run.dir={run}", *TINY)
+    sh(str(REPO / "scripts" / "train.py"), "+experiment=freihand", "trainer.device=cpu", f"data.root={root}",
+       "data.versions=[0,1]", f"run_dir={run}", f"hydra.run.dir={run}", *TINY)
     return root, run
 
 
@@ -220,7 +221,8 @@ class ExactModel(torch.nn.Module):
         self.table = {}
         for i in range(len(labelled)):
             item = labelled[i]
-            self.table[item["image"].numpy().tobytes()] = (item["joints_uvd"], item["verts_uvd"])
+            # keyed by the model's input: the crop as predict hands it over (normalised on the device)
+            self.table[model_input(item["image"]).numpy().tobytes()] = (item["joints_uvd"], item["verts_uvd"])
 
     def forward(self, images, pose_features=False):
         rows = [self.table[im.numpy().tobytes()] for im in images]

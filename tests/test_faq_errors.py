@@ -277,7 +277,8 @@ def _(ctx):
     from cliphand3d.runtime import pick_device
 
     ctx.mp.setattr(torch.cuda, "is_available", lambda: False)
-    return printed(lambda: pick_device("cuda", 0))
+    ctx.mp.setenv("CUDA_VISIBLE_DEVICES", "")
+    return [printed(lambda: pick_device("cuda", 0)), printed(lambda: pick_device("cuda", 0, key="device"))]
 
 
 @faq("init-from-size")
@@ -419,6 +420,27 @@ def _(ctx):
     return printed(lambda: make_loader([0], batch_size=1, num_workers=1, device=torch.device("cpu"), worker_nice=-5))
 
 
+@faq("loader-options")
+def _(ctx):
+    from cliphand3d.runtime import make_loader
+
+    cpu = torch.device("cpu")
+    return [printed(lambda: make_loader([0], batch_size=1, num_workers=1, device=cpu, cv2_threads=0)),
+            printed(lambda: make_loader([0], batch_size=1, num_workers=1, device=cpu, sharing_strategy="carrier_pigeon"))]
+
+
+@faq("shared-memory")
+def _(ctx):
+    from cliphand3d.runtime import guard_shared_memory
+
+    def died():
+        yield 1
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Bus error. It is possible that "
+                           "dataloader's workers are out of shared memory. Please try to raise your shared memory limit.")
+
+    return printed(lambda: list(guard_shared_memory(died())))
+
+
 @faq("benchmark-options")
 def _(ctx):
     from omegaconf import OmegaConf
@@ -437,6 +459,19 @@ def _(ctx):
     from cliphand3d.train.ema import ModelEMA
 
     return printed(lambda: ModelEMA(nn.Linear(1, 1), decay=1.5))
+
+
+@faq("schedule")
+def _(ctx):
+    from cliphand3d.train.optim import schedule_from_config
+
+    def sched(*overrides):
+        cfg = composed(*overrides)
+        return schedule_from_config(cfg.trainer, cfg.optim, train_size=40, batch_size=4, world_size=1)
+
+    return [printed(lambda: sched("trainer.schedule_batch=0")),
+            printed(lambda: sched("trainer.schedule_batch=64", "trainer.max_steps=null")),
+            printed(lambda: sched("optim.lr_scaling=cubic"))]
 
 
 @faq("synthetic-values")
@@ -638,6 +673,27 @@ def _(ctx):
     out.append(printed(lambda: RHD(root)))
     path.write_bytes(b"")
     return out + [printed(lambda: RHD(root))]
+
+
+@faq("label-cache")
+def _(ctx):
+    from cliphand3d.data import label_cache
+    from cliphand3d.data.freihand import FreiHAND
+
+    def disk_full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    root = ctx.frei()
+    shutil.rmtree(root / label_cache.CACHE_FOLDER, ignore_errors=True)
+    (root / label_cache.CACHE_FOLDER).write_text("x")  # the data folder cannot hold the cache, even for root
+    (ctx.tmp / "a_file").write_text("x")
+    ctx.mp.setenv(label_cache.ENV, str(ctx.tmp / "fallback"))
+    out = logged(lambda: FreiHAND(root, split="eval"), "cliphand3d.data.label_cache")[:1]
+    ctx.mp.setenv(label_cache.ENV, str(ctx.tmp / "a_file"))
+    out.append(printed(lambda: FreiHAND(root)))
+    ctx.mp.setenv(label_cache.ENV, str(ctx.tmp / "full"))
+    ctx.mp.setattr(label_cache.np, "save", disk_full)
+    return out + [printed(lambda: FreiHAND(root))]
 
 
 @faq("skip-bad")

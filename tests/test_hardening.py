@@ -36,7 +36,7 @@ TINY = [
     "model.deconv_channels=16", "model.depth_bins=16", "model.joint_feature_hidden=16", "model.token_dim=32",
     "model.widths=[32,16,16,8,8]", "model.blocks_per_stage=1", "model.heads=2", "model_template.num_samples=8",
     "trainer.max_steps=3", "trainer.batch_size=4", "trainer.val_batch_size=8", "trainer.num_workers=0",
-    "logger.tensorboard=false", "text=tiny", "text.pretrained=null",
+    "logger.tensorboard=false", "text=tiny", "text.pretrained=null", "trainer.device=cpu",
 ]
 
 
@@ -393,7 +393,8 @@ def test_skipped_items_are_counted_over_every_ddp_process(damaged, tmp_path):
     res = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", TRAIN,
          f"run_dir={out}", f"hydra.run.dir={out}", f"data.root={root}", "data.skip_bad=true", *overrides,
-         "trainer.batch_size=2"], capture_output=True, text=True, timeout=600, env=env())
+         "trainer.batch_size=2", "trainer.schedule_batch=4"],  # max_steps=3 counts steps of both ranks' batches
+        capture_output=True, text=True, timeout=600, env=env())
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((out / "train_summary.json").read_text())["skipped_bad"] == 3
     assert load_checkpoint(out / "checkpoints" / "last.pt")["skipped_bad"] == 3

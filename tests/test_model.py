@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from cliphand3d.data.prompts import PromptGenerator
 from cliphand3d.data.synthetic import SyntheticHands
-from cliphand3d.data.transforms import CropAugment
+from cliphand3d.data.transforms import CropAugment, model_input
 from cliphand3d.errors import ConfigError
 from cliphand3d.losses import CLIPHand3DLoss, heatmap_ce, weighted_total
 from cliphand3d.models.cliphand3d import CLIPHand3D
@@ -48,7 +48,10 @@ def make_module(template, clip_weight=0.5, **model_kw):
 
 
 def batch_of(ds, n=8):
-    return next(iter(DataLoader(ds, batch_size=n)))
+    """A collated batch with its images as the model takes them (items carry uint8 crops)."""
+    batch = next(iter(DataLoader(ds, batch_size=n)))
+    batch["image"] = model_input(batch["image"])
+    return batch
 
 
 def test_inference_path_needs_no_text(data):

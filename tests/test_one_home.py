@@ -23,14 +23,14 @@ CONVENTIONS = REPO / "docs" / "conventions.md"
 # Marks: "call:X" a call whose function is spelled X, "name:X" a name or attribute X, "str:X" a string X.
 CONCERNS = {
     "reading torch files and pickles without running code": (
-        ["serialization.py"], ["call:torch.load", "name:Unpickler"]),
+        ["serialization.py"], ["call:torch.load", "name:Unpickler", "call:os.replace"]),
     "writing and reading checkpoint files": (["checkpoint/io.py"], ["call:torch.save"]),
     "what a checkpoint holds": (["checkpoint/state.py"], ["str:train_heads", "call:capture_rng_state"]),
     "composing configs and instantiating them": (
         ["build.py"], ["call:compose", "call:initialize_config_dir", "call:instantiate", "call:TrainingModule",
                        "call:TextBranch"]),
     "device, seeding, data loaders, autocast, batches on the device, DDP unwrapping": (
-        ["runtime.py"], ["call:DataLoader", "name:GradScaler", "name:DataParallel", "call:np.random.seed"]),
+        ["runtime.py"], ["name:DataLoader", "name:GradScaler", "name:DataParallel", "call:np.random.seed"]),
     "where pretrained weights come from": (
         ["models/pretrained.py"], ["str:HF_HUB_OFFLINE", "str:TORCH_HUB_OFFLINE", "name:get_model_weights",
                                    "name:download_pretrained", "name:create_connection"]),

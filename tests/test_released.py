@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from cliphand3d.apps.released import import_released, read_released
 from cliphand3d.build import model_from_checkpoint
 from cliphand3d.checkpoint.io import load_checkpoint
+from cliphand3d.data.transforms import batch_to_device, model_input
 from cliphand3d.errors import ReleasedCheckpointError
 from cliphand3d.evaluation.run import eval_batch_size
 
@@ -341,6 +342,7 @@ def test_eval_runs_the_imported_checkpoint_end_to_end(imported, tmp_path):
     data = build_datasets(cfg, None, splits=("test",))["test"]  # eval.py's default split
     items = [data[i] for i in range(len(data))]
     batch = {k: torch.stack([it[k] for it in items]) for k in ("image", "K", "root_depth", "bone")}
+    batch["image"] = model_input(batch["image"])  # items carry uint8 crops; eval.py normalises on the device
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as eval.py ran (OMP_NUM_THREADS=1): the same kernels' blocking, the same rounding
     try:
@@ -381,7 +383,8 @@ def test_fine_tuning_starts_from_the_imported_weights(imported, tmp_path):
         [sys.executable, str(REPO / "scripts" / "train.py"), "+experiment=freihand", f"init_from={imported['out']}",
          "model.attention_over=nodes", f"data.root={root}", "data.versions=[0]", f"run_dir={run}",
          f"hydra.run.dir={run}", "text.pretrained=null", "optim.lr=0.0", "trainer.max_steps=1",
-         "trainer.batch_size=2", "trainer.val_batch_size=2", "trainer.num_workers=0", "logger.tensorboard=false"],
+         "trainer.batch_size=2", "trainer.val_batch_size=2", "trainer.num_workers=0", "logger.tensorboard=false",
+         "trainer.device=cpu"],
         env=env, timeout=900, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     last, src = load_checkpoint(run / "checkpoints" / "last.pt"), load_checkpoint(imported["out"])
@@ -460,7 +463,7 @@ def test_released_options_keep_the_zero_weight_invariant(zeroed):
     ds = SyntheticHands(length=4, seed=3, img_size=IMG, num_verts=200, augment=CropAugment(),
                         prompts=PromptGenerator(num_joints=5))
     xyz, verts = ds.all_labels()
-    batch = next(iter(DataLoader(ds, batch_size=4)))
+    batch = batch_to_device(next(iter(DataLoader(ds, batch_size=4))), torch.device("cpu"))  # as the loop feeds it
     torch.manual_seed(0)
     model = CLIPHand3D(template=build_template(verts, xyz, levels=(40, 80, 120)), img_size=IMG, backbone="resnet18",
                        deconv_channels=16, depth_bins=16, token_dim=32, widths=(32, 16, 16, 8, 8),

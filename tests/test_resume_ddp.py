@@ -15,8 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from cliphand3d.build import build_datasets, build_prompts, load_model, text_branch_from_checkpoint
 from cliphand3d.checkpoint.io import load_checkpoint
 from cliphand3d.data.sampler import ResumableSampler
+from cliphand3d.evaluation.scoring import validate
+from cliphand3d.runtime import make_loader
+from cliphand3d.train.optim import lr_curve
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "scripts" / "train.py")
@@ -130,8 +134,11 @@ def test_two_process_gloo_ddp_with_zero_weighted_terms_trains_disjoint_shards(tm
     with socket.socket() as sock:  # a free port: a fixed one collides with any other run of this test
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    # the schedule counts samples: max_steps=4 batches of schedule_batch=8 are 4 steps of 2 x 4 (with the default
+    # schedule batch, trainer.batch_size=4, they would be 2); an odd val split (9 = 4 + 5) shared by the ranks
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", TRAIN,
-           f"run_dir={run_dir}", f"hydra.run.dir={run_dir}", *SMALL, "trainer.max_steps=4",
+           f"run_dir={run_dir}", f"hydra.run.dir={run_dir}", *SMALL, "trainer.max_steps=4", "trainer.schedule_batch=8",
+           "data.num_val=9", "trainer.val_batch_size=4",
            "loss.weights.stages=0", "+loss.weights.clip_z=0", "trainer.save_init=true", "trainer.record_samples=true"]
     res = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -162,3 +169,25 @@ def test_two_process_gloo_ddp_with_zero_weighted_terms_trains_disjoint_shards(tm
         assert [i for s in sorted(steps) for i in steps[s]] == list(sampler)[:16]
     flat = [set(i for ix in steps.values() for i in ix) for steps in seen]
     assert len(flat[0]) == len(flat[1]) == 16 and not flat[0] & flat[1]
+
+    # the lr followed the curve over samples (4 steps of 8 samples), and validation, sharded over the ranks, gave
+    # exactly the metrics one process computes from the final weights
+    assert last["scheduler"]["last_epoch"] == 4
+    assert last["scheduler"]["_last_lr"][0] == 1e-3 * lr_curve(32, warmup=0, total=32, unit=8, min_lr_ratio=0.01)
+    assert summary["last"] == one_process_validation(run_dir / "checkpoints" / "last.pt")
+    assert last["train_state"]["history"] == [{"step": 4, **summary["last"]}]
+
+
+def one_process_validation(ckpt_path: Path) -> dict:
+    """Validation metrics of a checkpoint's weights in this process, as a 1-process run computes them."""
+    model, cfg, ckpt = load_model(ckpt_path)
+    val, cpu = build_datasets(cfg, build_prompts(cfg), splits=("val",))["val"], torch.device("cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks ran (OMP_NUM_THREADS=1)
+    try:
+        res, _ = validate(model, make_loader(val, batch_size=int(cfg.trainer.val_batch_size), num_workers=0,
+                                             device=cpu), cpu, getattr(val, "protocol", "freihand"),
+                          text_branch=text_branch_from_checkpoint(cfg, ckpt, cpu))
+    finally:
+        torch.set_num_threads(threads)
+    return res

@@ -215,7 +215,8 @@ def test_dataset_items_keep_the_contract():
     for i in range(2):
         item = ds[i]
         check_item(item, 128)
-        for k in ("image", "joints_xyz", "joints_uvd", "K", "root_depth", "bone", "verts_xyz"):
+        assert item["image"].dtype == torch.uint8  # bytes through the loader; the model's input on the device
+        for k in ("joints_xyz", "joints_uvd", "K", "root_depth", "bone", "verts_xyz"):
             assert item[k].dtype == torch.float32, k
         assert item["verts_xyz"].shape == (200, 3)
         assert set(item["prompts"]) == {"x", "y", "z"}

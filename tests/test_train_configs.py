@@ -60,7 +60,9 @@ def test_every_experiment_trains_a_few_steps(name, tmp_path, freihand_root, rhd_
     else:
         extra = ["data.num_train=8", "data.num_val=8", "data.num_test=8", "data.num_verts=200",
                  "model_template.build.levels=[40,80,120]"]  # num_test: experiment=ablation scores test
-    cfg = compose_train([f"+experiment={name}", f"run_dir={tmp_path}", "text.pretrained=null", *TINY, *extra])
+    # the real-data experiments ask for a GPU; trainer.device=cpu is how a user insists on the CPU
+    cfg = compose_train([f"+experiment={name}", f"run_dir={tmp_path}", "text.pretrained=null", *TINY, *extra,
+                         "trainer.device=cpu"])
     metrics = train(cfg)
     assert (tmp_path / "checkpoints" / "last.pt").is_file() and (tmp_path / "checkpoints" / "best.pt").is_file()
     assert metrics["pa_mpjpe_mm"] > 0

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from cliphand3d.data.prompts import PromptGenerator
 from cliphand3d.data.synthetic import SyntheticHands
-from cliphand3d.data.transforms import CropAugment
+from cliphand3d.data.transforms import CropAugment, batch_to_device
 from cliphand3d.losses import CLIPHand3DLoss
 from cliphand3d.models.cliphand3d import CLIPHand3D
 from cliphand3d.models.contrastive import PerAxisContrastiveLoss
@@ -43,7 +43,7 @@ def data():
     ds = SyntheticHands(length=8, seed=3, img_size=IMG, num_verts=200, augment=CropAugment(),
                         prompts=PromptGenerator(num_joints=5))
     xyz, verts = ds.all_labels()
-    batch = next(iter(DataLoader(ds, batch_size=4)))
+    batch = batch_to_device(next(iter(DataLoader(ds, batch_size=4))), torch.device("cpu"))  # as the loop feeds it
     return batch, build_template(verts, xyz, levels=(40, 80, 120)), joints_only_template(xyz)
 
 

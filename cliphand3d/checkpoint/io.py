@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import collections
 import errno
-import glob
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from ..serialization import load_torch_file, refused_object
+from ..serialization import load_torch_file, refused_object, temp_pattern, write_atomic
 from .state import WEIGHT_ENTRIES
 
 log = logging.getLogger(__name__)
@@ -60,28 +58,6 @@ def _unsafe_entry(obj: Any, where: str) -> tuple[str, str] | None:
     return where, f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; directories cannot be opened this way on Windows.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _default_file_mode() -> int:
-    # mkstemp creates 0600 files; give the checkpoint the mode a plain open() would (umask applied)
-    # so colleagues sharing the run folder can read it.
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def _non_finite_weights(obj: Any, where: str, out: list[str]) -> list[str]:
     """Dotted names of the floating-point tensors in `obj` (nested dicts) holding a NaN or inf."""
     if isinstance(obj, torch.Tensor):
@@ -96,10 +72,8 @@ def _non_finite_weights(obj: Any, where: str, out: list[str]) -> list[str]:
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
     """Write `state` to `path` atomically; returns the path.
 
-    torch.save goes to a temp file in the same folder (same file system, so the rename is atomic),
-    which is flushed and fsynced before `os.replace` puts it in place and the folder is fsynced.
-    A crash at any point leaves either the old file or the new one, never a partial one; on an
-    error the temp file is removed and the error re-raised. Weights (the `model`, `train_heads` and
+    torch.save goes through serialization.write_atomic: a crash at any point leaves either the old file or
+    the new one, never a partial one; on an error the temp file is removed and the error re-raised. Weights (the `model`, `train_heads` and
     `ema` entries) with a NaN or inf are refused with a CheckpointError: the file on disk stays the
     last good checkpoint.
     """
@@ -124,38 +98,16 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(path)
-        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+        return write_atomic(path, lambda f: torch.save(dict(state), f))
     except OSError as e:
         raise _write_error(path, e) from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if hasattr(os, "fchmod"):
-                os.fchmod(f.fileno(), _default_file_mode())
-            torch.save(dict(state), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(e, OSError):
-            raise _write_error(path, e) from e
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _temp_prefix(path: Path) -> str:
-    return f".{path.name}."
 
 
 def _remove_stale_temps(path: Path) -> None:
     """Temp files of `path` left by a process killed mid-write (SIGKILL skips the cleanup): each can be
     as big as a checkpoint, so a run killed often would otherwise fill its disk. One writer per file
     (rank 0), so a temp file of this name found here is never one being written."""
-    for stale in path.parent.glob(f"{glob.escape(_temp_prefix(path))}*.tmp"):
+    for stale in path.parent.glob(temp_pattern(path)):
         try:
             stale.unlink()
             log.info("removed %s, left by a checkpoint write that was interrupted", stale)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from ..dist import all_reduce_sum
 from ..errors import DatasetError
 from ..serialization import load_plain_pickle_stream
 from .sample import RawSample
-from .transforms import build_item, label_targets
+from .transforms import build_items, label_targets
 
 log = logging.getLogger(__name__)
 # data.skip_bad gives up after this many unreadable items in a row: past that the data is broken, not flaky
@@ -71,13 +72,14 @@ def read_image(path: str | Path, *, grayscale: bool = False) -> np.ndarray:
     OpenCV decodes a truncated JPEG into a half-grey picture with only a warning, so the end marker is
     checked first: a silently damaged training image is worse than a stopped run.
     """
-    p = Path(path)
+    p = os.fspath(path)  # str, not Path: a loader worker reads a file every few hundred microseconds
     try:
-        data = p.read_bytes()
+        with open(p, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
         raise DatasetError(f"image not found: {p}\n  fix: check the dataset root and that the archive was "
                            "fully unpacked (run scripts/check_data.py)") from None
-    marker = _END_MARKERS.get(p.suffix.lower())
+    marker = _END_MARKERS.get(os.path.splitext(p)[1].lower())
     if marker is not None and not data.rstrip(b"\x00").endswith(marker):
         raise DatasetError(f"image is truncated or corrupt: {p}\n  fix: re-download or re-extract this file "
                            "(run scripts/check_data.py to list every damaged file)")
@@ -195,8 +197,9 @@ class HandDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def rng_for(self, index: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch, int(index)])
+    def rng_for(self, index: int, epoch: int | None = None) -> np.random.Generator:
+        """The generator of item `index` in `epoch` (default: the epoch set by set_epoch)."""
+        return np.random.default_rng([self.seed, self.epoch if epoch is None else int(epoch), int(index)])
 
     def load_raw(self, index: int) -> RawSample:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -213,18 +216,32 @@ class HandDataset(Dataset):
         return label_targets(self.label_sample(index), img_size=self.img_size, augment=self.augment,
                              rng=self.rng_for(index))
 
-    def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {type(self).__name__} of length {len(self)}")
-        if not self.skip_bad:
-            raw = self.load_raw(index)
-            return build_item(raw, index=index, img_size=self.img_size, augment=self.augment,
-                              prompts=self.prompts, rng=self.rng_for(index))
-        index, raw, skipped = self._first_readable(index)
-        item = build_item(raw, index=index, img_size=self.img_size, augment=self.augment,
-                          prompts=self.prompts, rng=self.rng_for(index))
-        item["meta"]["skipped"] = skipped
-        return item
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """Item `key`: an index (in the epoch set by set_epoch) or an (epoch, index) pair, as
+        sampler.ResumableSampler(with_epoch=True) yields them to workers that outlive an epoch."""
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list) -> list[dict]:
+        """The items of a batch of keys, as a DataLoader worker asks for them: each read and cropped on its
+        own, their labels computed at once (transforms.build_items), each item exactly as alone."""
+        parsed = [key if isinstance(key, tuple) else (self.epoch, key) for key in keys]
+        raws, indices, rngs, skipped = [], [], [], []
+        for epoch, index in parsed:
+            if not 0 <= index < len(self):
+                raise IndexError(f"index {index} out of range for {type(self).__name__} of length {len(self)}")
+            if self.skip_bad:
+                index, raw, n = self._first_readable(index)
+                skipped.append(n)
+            else:
+                raw = self.load_raw(index)
+            raws.append(raw)
+            indices.append(index)
+            rngs.append(self.rng_for(index, epoch))
+        items = build_items(raws, indices=indices, img_size=self.img_size, augment=self.augment, prompts=self.prompts,
+                            rngs=rngs)
+        for item, n in zip(items, skipped):
+            item["meta"]["skipped"] = n
+        return items
 
     def _first_readable(self, index: int) -> tuple[int, RawSample, int]:
         """skip_bad: (index, raw sample, files skipped) of the first of index, index + 1, ... (wrapping) whose

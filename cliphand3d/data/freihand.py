@@ -7,7 +7,8 @@
     <root>/evaluation_{K,scale}.json  and, from FreiHAND_pub_v2_eval, evaluation_{xyz,verts}.json
 
 The unique count U is the length of the json lists, never the constant, so fixtures written by
-`writers.write_freihand` with a few hands read the same way as the release.
+`writers.write_freihand` with a few hands read the same way as the release. Each json file is parsed once
+into the label cache (`label_cache`: arrays on disk, memory-mapped by every split, rank and worker).
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from ..errors import DatasetError
 from ..geometry import crop_and_rotate, project, square_box
 from .base import (HandDataset, check_lengths, holdout_split, image_size, load_json, read_image, require_dir,
                    split_name, spread)
+from .label_cache import cached_arrays, picklable, unpickled
 from .sample import RawSample
-from .transforms import EVAL_CROP, CropAugment, box_from_mask, normalize_image
+from .transforms import EVAL_CROP, CropAugment, box_from_mask, image_tensor
 
 RELEASE_UNIQUE_TRAIN = 32560  # the release's unique training hands; for messages only
 NUM_VERSIONS = 4
@@ -66,6 +68,15 @@ def load_array(path: Path, shape: tuple[int, ...], fix: str, dtype=np.float64) -
     return a
 
 
+def read_array(root: Path, path: Path, shape: tuple[int, ...], fix: str, dtype=np.float64,
+               cache_dir: str | Path | None = None) -> np.ndarray:
+    """`load_array` through the label cache: parsed once, then a read-only memory map of the same array."""
+    dtype = np.dtype(dtype)
+    recipe = f"freihand.load_array shape={tuple(shape)} dtype={dtype.name}"
+    return cached_arrays(root, path, f"{path.stem}.{dtype.name}", recipe,
+                         lambda: {"data": load_array(path, shape, fix, dtype)}, fix, cache_dir)["data"]
+
+
 def file_id(unique_id: int, version: int, num_unique: int) -> int:
     """Image id of background version `version` of training hand `unique_id` (U = num_unique)."""
     return int(unique_id) + int(num_unique) * int(version)
@@ -95,6 +106,8 @@ class FreiHAND(HandDataset):
         are used when present; without them `has_labels` is False and items carry only `image`, `K`,
         `scale` (evaluation_scale.json, metres) and `meta` -- no label keys, so nothing fake reaches a
         metric.
+    cache_dir: where the label cache goes when the data folder is read-only (default: $CLIPHAND3D_CACHE,
+        else data/cache; `label_cache`). Label arrays are read-only memory maps of that cache.
     """
 
     protocol = "freihand"
@@ -102,7 +115,8 @@ class FreiHAND(HandDataset):
 
     def __init__(self, root: str | Path, split: str = "train", versions: Sequence[int] = (0,), img_size: int = 256,
                  augment: CropAugment | None = None, prompts=None, seed: int = 0, crop: str | None = None,
-                 require_gt: bool = True, val_fraction: float = 0.03, holdout_seed: int = 0, skip_bad: bool = False):
+                 require_gt: bool = True, val_fraction: float = 0.03, holdout_seed: int = 0, skip_bad: bool = False,
+                 cache_dir: str | Path | None = None):
         split = split_name(split, ("train", "val", "eval"), "FreiHAND")
         crop = crop or ("mask" if split == "train" else "full")
         if crop not in CROPS:
@@ -117,24 +131,27 @@ class FreiHAND(HandDataset):
         name = SPLITS["eval" if split == "eval" else "train"]
         fix = download_fix(self.root)
         self.image_dir = require_dir(self.root / name / "rgb", "FreiHAND images", fix)
-        self.K = load_array(self.root / f"{name}_K.json", (3, 3), fix)
-        self.scale = load_array(self.root / f"{name}_scale.json", (), fix)
+
+        def read(key: str, shape: tuple[int, ...], fix: str = fix, dtype=np.float64) -> np.ndarray:
+            return read_array(self.root, self.root / f"{name}_{key}.json", shape, fix, dtype, cache_dir)
+
+        self.K, self.scale = read("K", (3, 3)), read("scale", ())
         self.xyz = self.verts = None
         if name == "training":
             self.versions = self._check_versions(versions)
             self.mask_dir = require_dir(self.root / name / "mask", "FreiHAND masks", fix)
-            self.xyz = load_array(self.root / f"{name}_xyz.json", (21, 3), fix)
+            self.xyz = read("xyz", (21, 3))
             # float32: 778 x 3 per hand is 300 MB for the release even so
-            self.verts = load_array(self.root / f"{name}_verts.json", (-1, 3), fix, np.float32)
+            self.verts = read("verts", (-1, 3), dtype=np.float32)
         else:
             self.versions = (0,)
             self.mask_dir = None
             gt = [self.root / f"{name}_{k}.json" for k in ("xyz", "verts")]
             if require_gt or all(p.is_file() for p in gt):
                 gt_fix = eval_gt_fix(self.root)
-                self.xyz = load_array(gt[0], (21, 3), gt_fix)
+                self.xyz = read("xyz", (21, 3), gt_fix)
                 # float64 as the official scorer reads them (3,960 x 778 x 3 is 74 MB)
-                self.verts = load_array(gt[1], (-1, 3), gt_fix)
+                self.verts = read("verts", (-1, 3), gt_fix)
         self.has_labels = self.xyz is not None
         if not self.has_labels and crop == "joints":
             raise DatasetError("crop='joints' needs joint labels; the evaluation split has none here "
@@ -146,6 +163,12 @@ class FreiHAND(HandDataset):
         if self.num_unique == 0:
             raise DatasetError(f"{self.root}/{name}_K.json is empty.\n  fix: {fix}")
         self.ids = self._split_ids(val_fraction, holdout_seed)
+
+    def __getstate__(self) -> dict:  # a pickled dataset (spawned workers) maps the label cache again
+        return picklable(self.__dict__)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(unpickled(state))
 
     def _split_ids(self, val_fraction: float, holdout_seed: int) -> np.ndarray:
         """The unique ids this split reads: train and val partition training/ (seeded, not by the
@@ -205,9 +228,9 @@ class FreiHAND(HandDataset):
         uid, _ = self.locate(index)
         path = self.image_path(index)
         image = read_image(path)
-        K, xyz = self.K[uid], self.xyz[uid]
+        K, xyz = np.array(self.K[uid]), np.array(self.xyz[uid])
         return RawSample(image=image, K=K, xyz=xyz, box=self._box(index, image.shape[:2], xyz, K), file=str(path),
-                         verts=self.verts[uid].astype(np.float64), extra={"unique_id": uid})
+                         verts=np.array(self.verts[uid], dtype=np.float64), extra={"unique_id": uid})
 
     def label_sample(self, index: int) -> RawSample:
         """`load_raw` without decoding the RGB image: the crop box comes from the labels (crop="joints"),
@@ -216,14 +239,18 @@ class FreiHAND(HandDataset):
             raise DatasetError(f"FreiHAND {self.split} has no labels here.\n  fix: {eval_gt_fix(self.root)}")
         uid, _ = self.locate(index)
         path = self.image_path(index)
-        K, xyz = self.K[uid], self.xyz[uid]
+        K, xyz = np.array(self.K[uid]), np.array(self.xyz[uid])
         hw = image_size(path) if self.crop == "full" else None
         return RawSample(image=None, K=K, xyz=xyz, box=self._box(index, hw, xyz, K), file=str(path),
-                         verts=self.verts[uid].astype(np.float64), extra={"unique_id": uid})
+                         verts=np.array(self.verts[uid], dtype=np.float64), extra={"unique_id": uid})
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitems__(self, keys: list) -> list[dict]:
+        return super().__getitems__(keys) if self.has_labels else [self.__getitem__(k) for k in keys]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
         if self.has_labels:
-            return super().__getitem__(index)
+            return super().__getitem__(key)
+        index = key[1] if isinstance(key, tuple) else key
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for FreiHAND of length {len(self)}")
         path = self.image_path(index)
@@ -232,7 +259,7 @@ class FreiHAND(HandDataset):
         p = aug.sample(None)  # unlabeled items are for inference: always the deterministic crop
         cx, cy, side = self._box(index, image.shape[:2], None, self.K[index])
         crop, K, _ = crop_and_rotate(image, self.K[index], (cx, cy), side * p["scale"], self.img_size)
-        return {"image": normalize_image(crop), "K": torch.as_tensor(K, dtype=torch.float32),
+        return {"image": image_tensor(crop), "K": torch.as_tensor(K, dtype=torch.float32),
                 "scale": torch.tensor(float(self.scale[index]), dtype=torch.float32),
                 "meta": {"index": int(index), "file": str(path)}}
 
@@ -243,7 +270,7 @@ class FreiHAND(HandDataset):
         if not self.has_labels:
             raise DatasetError(f"FreiHAND {self.split} has no labels here.\n  fix: {eval_gt_fix(self.root)}")
         ids = self.ids[spread(len(self.ids), None if limit is None else int(limit))]
-        return self.xyz[ids], self.verts[ids]
+        return np.array(self.xyz[ids]), np.array(self.verts[ids])
 
     def labels_hint(self) -> str:
         """Where this split's missing labels come from (eval.py's message when it can only predict)."""

@@ -328,6 +328,10 @@ class PromptGenerator:
                 subsets = {a: shared for a in self.axes}
             else:
                 subsets = {a: rng.choice(NUM_JOINTS, self.num_joints, replace=False) for a in self.axes}
+        if all(subsets[a] is None for a in self.axes):  # every joint: one stable sort per column, in one call
+            orders = np.argsort(j, axis=0, kind="stable")
+            return {a: self.template.sentence(a, [self.names[i] for i in orders[:, AXES.index(a)]])
+                    for a in self.axes}
         return {
             a: self.template.sentence(a, [self.names[i] for i in axis_order(j, a, subsets[a])])
             for a in self.axes

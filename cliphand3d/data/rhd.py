@@ -8,7 +8,8 @@
 
 Keypoints 0-20 are the left hand, 21-41 the right, each in RHD order (wrist, then every finger
 tip -> base). A sample's hand is the one with more mask pixels; it is converted to MPII order and,
-when left, mirrored to a right hand.
+when left, mirrored to a right hand. Each pickle is parsed once into the label cache (`label_cache`:
+arrays on disk, memory-mapped by every split, rank and worker).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from ..geometry import mirror_lr, project, square_box
 from ..skeleton import NUM_JOINTS, rhd_to_mpii
 from .base import (HandDataset, holdout_split, load_plain_pickle, read_image, read_image_raw, require_dir,
                    split_name, spread)
+from .label_cache import cached_arrays, picklable, unpickled
 from .sample import RawSample
 from .transforms import CropAugment, box_from_mask
 
@@ -112,6 +114,18 @@ def load_annotations(path: Path, fix: str) -> tuple[list[int], dict[str, np.ndar
     return ids, {k: np.stack(v) for k, v in out.items()}
 
 
+def read_annotations(root: Path, path: Path, fix: str,
+                     cache_dir: str | Path | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """`load_annotations` through the label cache: (ids int64, {'xyz', 'uv_vis', 'K'}) parsed once, then
+    read-only memory maps of the same arrays."""
+    def parse() -> dict[str, np.ndarray]:
+        ids, anno = load_annotations(path, fix)
+        return {"ids": np.asarray(ids, dtype=np.int64), **anno}
+
+    arrays = cached_arrays(root, path, path.stem, "rhd.load_annotations float64", parse, fix, cache_dir)
+    return arrays["ids"], {k: arrays[k] for k in ("xyz", "uv_vis", "K")}
+
+
 class RHD(HandDataset):
     """RHD as hand items (docs/conventions.md): right hands in MPII order, `visible` flags kept.
 
@@ -122,6 +136,9 @@ class RHD(HandDataset):
     split: "train" / "val" partition training/ by sample id (`base.holdout_split` with val_fraction and
     holdout_seed; fraction 0 trains on every id), "eval" is evaluation/ (the test set); the folder
     names "training" / "evaluation" are accepted too.
+    cache_dir: where the label cache goes when the data folder is read-only (default: $CLIPHAND3D_CACHE,
+    else data/cache; `label_cache`). `xyz`, `uv_vis`, `K` are read-only memory maps over every sample of
+    the pickle; item i is row `rows[i]`.
     """
 
     protocol = "rhd"
@@ -129,7 +146,7 @@ class RHD(HandDataset):
 
     def __init__(self, root: str | Path, split: str = "train", img_size: int = 256,
                  augment: CropAugment | None = None, prompts=None, seed: int = 0, val_fraction: float = 0.03,
-                 holdout_seed: int = 0, skip_bad: bool = False):
+                 holdout_seed: int = 0, skip_bad: bool = False, cache_dir: str | Path | None = None):
         split = split_name(split, ("train", "val", "eval"), "RHD")
         super().__init__(img_size=img_size, augment=augment, prompts=prompts, seed=seed, skip_bad=skip_bad)
         self.root = require_dir(root, "RHD root", download_fix(root))
@@ -141,16 +158,23 @@ class RHD(HandDataset):
         self.mask_dir = require_dir(self.folder / "mask", "RHD masks", fix)
         self.depth_dir = self.folder / "depth"
         self.anno_path = self.folder / f"anno_{name}.pickle"
-        ids, anno = load_annotations(self.anno_path, f"re-extract {self.anno_path.name} from RHD_v1-1.zip; {fix}")
+        ids, anno = read_annotations(self.root, self.anno_path,
+                                     f"re-extract {self.anno_path.name} from RHD_v1-1.zip; {fix}", cache_dir)
+        self.rows = np.arange(len(ids))
         if split != "eval":
             train, val = holdout_split(ids, val_fraction, holdout_seed)
             if split == "val" and len(val) == 0:
                 raise DatasetError("RHD split 'val' is empty: data.val_fraction=0 holds no training id out; "
                                    "set data.val_fraction > 0 (e.g. 0.03)")
-            keep = np.isin(ids, train if split == "train" else val)
-            ids, anno = [i for i, k in zip(ids, keep) if k], {k: v[keep] for k, v in anno.items()}
-        self.ids = ids
+            self.rows = np.flatnonzero(np.isin(ids, train if split == "train" else val))
+        self.ids = [int(ids[r]) for r in self.rows]
         self.xyz, self.uv_vis, self.K = anno["xyz"], anno["uv_vis"], anno["K"]
+
+    def __getstate__(self) -> dict:  # a pickled dataset (spawned workers) maps the label cache again
+        return picklable(self.__dict__)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(unpickled(state))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -173,10 +197,10 @@ class RHD(HandDataset):
         (ids follow render order), read from the pickle only. Without masks, each sample's hand is the
         one with more visible keypoints (right on ties); `load_raw` decides by mask pixels, which agrees
         whenever one hand is seen."""
-        pick = spread(len(self), None if limit is None else int(limit))
-        vis = self.uv_vis[pick, :, 2] > 0
+        rows = self.rows[spread(len(self), None if limit is None else int(limit))]
+        vis = self.uv_vis[rows, :, 2] > 0
         left = vis[:, :NUM_JOINTS].sum(1) > vis[:, NUM_JOINTS:].sum(1)
-        xyz = self.xyz[pick]
+        xyz = np.array(self.xyz[rows])
         xyz = np.where(left[:, None, None], xyz[:, :NUM_JOINTS] * [-1.0, 1.0, 1.0], xyz[:, NUM_JOINTS:])
         return rhd_to_mpii(xyz).astype(np.float32), None
 
@@ -193,11 +217,12 @@ class RHD(HandDataset):
         if image is not None and mask.shape[:2] != image.shape[:2]:
             raise DatasetError(f"{self.mask_path(index)}: mask is {mask.shape[:2]} but the image is "
                                f"{image.shape[:2]}.\n  fix: re-extract both files from RHD_v1-1.zip")
-        side = choose_hand(mask, self.uv_vis[index, :, 2] > 0)
+        row = self.rows[index]
+        side = choose_hand(mask, self.uv_vis[row, :, 2] > 0)
         slots = hand_slots(side)
-        xyz = rhd_to_mpii(self.xyz[index, slots])
-        uv_vis = rhd_to_mpii(self.uv_vis[index, slots])
-        K, uv, own = self.K[index], uv_vis[:, :2].copy(), hand_mask(mask, side)
+        xyz = rhd_to_mpii(np.array(self.xyz[row, slots]))
+        uv_vis = rhd_to_mpii(np.array(self.uv_vis[row, slots]))
+        K, uv, own = np.array(self.K[row]), uv_vis[:, :2].copy(), hand_mask(mask, side)
         box = box_from_mask(own) if own.any() else None
         if side == "left":
             width = mask.shape[1]

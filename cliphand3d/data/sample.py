@@ -35,8 +35,9 @@ def check_item(item: dict, img_size: int | None = None) -> None:
     if missing:
         raise DatasetError(f"item is missing keys {missing}")
     img = item["image"]
-    if not (isinstance(img, torch.Tensor) and img.dtype == torch.float32 and img.ndim == 3 and img.shape[0] == 3):
-        raise DatasetError(f"item['image'] must be float32 3xSxS, got {getattr(img, 'shape', type(img))}")
+    if not (isinstance(img, torch.Tensor) and img.dtype == torch.uint8 and img.ndim == 3 and img.shape[0] == 3):
+        raise DatasetError(f"item['image'] must be uint8 3xSxS, got {getattr(img, 'dtype', type(img))} "
+                           f"{tuple(getattr(img, 'shape', ()))}")
     if img_size is not None and tuple(img.shape[1:]) != (img_size, img_size):
         raise DatasetError(f"item['image'] is {tuple(img.shape[1:])}, expected {(img_size, img_size)}")
     for k in ("joints_xyz", "joints_uvd"):

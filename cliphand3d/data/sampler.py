@@ -1,7 +1,9 @@
 """A sampler whose order depends only on (seed, epoch, rank), and which can start mid-epoch.
 
 torch's DataLoader shuffles with its own RNG and DistributedSampler cannot skip ahead, so neither
-lets a killed run resume on exactly the batches it would have seen.
+lets a killed run resume on exactly the batches it would have seen. With `with_epoch` it yields
+(epoch, index) keys: a dataset item is a function of (seed, epoch, index), and loader workers that live
+across epochs (persistent workers) learn the epoch from the key, not from a copy of the dataset.
 """
 from __future__ import annotations
 
@@ -11,12 +13,13 @@ from torch.utils.data import Sampler
 
 class ResumableSampler(Sampler[int]):
     def __init__(self, length: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 batch_size: int = 1, drop_last: bool = True):
+                 batch_size: int = 1, drop_last: bool = True, with_epoch: bool = False):
         if length <= 0:
             raise ValueError("ResumableSampler: the dataset is empty")
         self.length, self.shuffle, self.seed = int(length), bool(shuffle), int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
         self.batch_size, self.drop_last = int(batch_size), bool(drop_last)
+        self.with_epoch = bool(with_epoch)
         self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -42,7 +45,8 @@ class ResumableSampler(Sampler[int]):
         idx = self._rank_indices()
         if self.drop_last:
             idx = idx[: (len(idx) // self.batch_size) * self.batch_size]
-        return iter(idx[self.start_batch * self.batch_size:])
+        idx = idx[self.start_batch * self.batch_size:]
+        return iter([(self.epoch, i) for i in idx] if self.with_epoch else idx)
 
     def __len__(self) -> int:
         idx = self._rank_indices()

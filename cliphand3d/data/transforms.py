@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..geometry import crop_and_rotate, crop_intrinsics, points_to_uvd, square_box, xyz_to_uvd
+from ..runtime import to_device
 from .sample import RawSample
 
 
@@ -44,14 +45,39 @@ EVAL_CROP = CropAugment(train=False)
 MEAN, STD = 0.5, 0.5  # (x/255 - 0.5) / 0.5, the demo repo's normalisation
 
 
+def image_tensor(image_u8: np.ndarray) -> torch.Tensor:
+    """uint8 HxWx3 RGB -> uint8 3xHxW: an item's image. Crops travel as bytes (through a loader worker's
+    shared memory, pinning and the host-to-device copy: 4x fewer than float32) and become the model's
+    input on the device (`model_input`)."""
+    return torch.from_numpy(np.ascontiguousarray(image_u8.transpose(2, 0, 1)))
+
+
+def model_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 3xHxW crops (or a batch of them), on any device -> what the model takes: float32 in [-1, 1],
+    (x / 255 - 0.5) / 0.5. Floating-point images are taken as already normalised and returned as they are."""
+    if images.is_floating_point():
+        return images
+    return (images.float() / 255.0 - MEAN) / STD
+
+
+def batch_to_device(batch: dict, device: torch.device) -> dict:
+    """A collated batch moved to `device`, its images made the model's input there (`model_input`): what
+    the training loop, prediction and the benchmark feed the model."""
+    batch = to_device(batch, device)
+    batch["image"] = model_input(batch["image"])
+    return batch
+
+
 def normalize_image(image_u8: np.ndarray) -> torch.Tensor:
-    """uint8 HxWx3 RGB -> float32 3xHxW in [-1, 1]."""
-    t = torch.from_numpy(np.ascontiguousarray(image_u8)).permute(2, 0, 1).float()
-    return (t / 255.0 - MEAN) / STD
+    """uint8 HxWx3 RGB -> float32 3xHxW in [-1, 1] (the model's input; the demo's crops)."""
+    return model_input(image_tensor(image_u8))
 
 
 def denormalize_image(image: torch.Tensor) -> np.ndarray:
-    """Inverse of `normalize_image` for display: 3xHxW float -> uint8 HxWx3 RGB."""
+    """An item's image (uint8 3xHxW) or the model's input (float 3xHxW in [-1, 1]) -> uint8 HxWx3 RGB for
+    display."""
+    if not image.is_floating_point():
+        return image.detach().cpu().permute(1, 2, 0).numpy()
     a = ((image.detach().cpu().float() * STD + MEAN) * 255.0).clamp(0, 255).round().byte()
     return a.permute(1, 2, 0).numpy()
 
@@ -90,42 +116,79 @@ def crop_box(box: tuple[float, float, float], params: dict) -> tuple[tuple[float
     return (cx + params["shift"][0] * side, cy + params["shift"][1] * side), side
 
 
-def crop_labels(raw: RawSample, K: np.ndarray, R: np.ndarray, img_size: int) -> dict:
-    """A raw sample's labels in the crop's camera (K, R from `crop_intrinsics`): the label keys of an item."""
-    xyz = raw.xyz @ R.T
+def crop_labels(xyz: np.ndarray, K: np.ndarray, R: np.ndarray, img_size: int, verts: np.ndarray | None = None) -> dict:
+    """Camera-frame labels in the crop's camera (K, R from `crop_intrinsics`): the label keys of an item, for
+    one sample ((21, 3), (3, 3), ...) or a stack of them ((B, 21, 3), (B, 3, 3), ...). Every operation
+    broadcasts over the leading axis, so a stack gives each sample's labels bit for bit."""
+    Rt = np.swapaxes(R, -1, -2)
+    xyz = xyz @ Rt
     uvd, root, bone = xyz_to_uvd(xyz, K, img_size)
     out = {"joints_xyz": xyz, "joints_uvd": uvd, "K": K, "root_depth": np.asarray(root), "bone": np.asarray(bone)}
-    if raw.verts is not None:
-        out["verts_xyz"] = raw.verts @ R.T
+    if verts is not None:
+        out["verts_xyz"] = verts @ Rt
         out["verts_uvd"] = points_to_uvd(out["verts_xyz"], K, img_size, out["root_depth"], out["bone"])
     return out
 
 
 def label_targets(raw: RawSample, *, img_size: int, augment: CropAugment | None = None,
                   rng: np.random.Generator | None = None) -> dict:
-    """The labels `build_item` gives the same raw sample and rng, without an image (float64 numpy)."""
+    """The labels `build_items` gives the same raw sample and rng, without an image (float64 numpy)."""
     p = (augment if augment is not None else EVAL_CROP).sample(rng)
     center, side = crop_box(raw.box, p)
     K, R = crop_intrinsics(raw.K, center, side, img_size, p["rot"])
-    return crop_labels(raw, K, R, img_size)
+    return crop_labels(raw.xyz, K, R, img_size, raw.verts)
 
 
-def build_item(raw: RawSample, *, index: int, img_size: int, augment: CropAugment | None = None,
-               prompts=None, rng: np.random.Generator | None = None) -> dict:
-    """Raw sample -> the item of docs/conventions.md (crop, labels in the crop's camera, prompts)."""
-    aug = augment if augment is not None else EVAL_CROP
-    p = aug.sample(rng)
+LABEL_KEYS = ("joints_xyz", "joints_uvd", "K", "root_depth", "bone", "verts_xyz", "verts_uvd")
+
+
+def label_tensors(labels: dict) -> dict:
+    """Label keys (numpy, any leading shape) as float32 tensors, converted in one go and split as numpy views:
+    a loader worker builds a crop every few hundred microseconds, and per-key conversions cost a tenth of it."""
+    keys = [k for k in LABEL_KEYS if k in labels]
+    arrays = [np.asarray(labels[k]) for k in keys]
+    flat = np.concatenate([a.ravel() for a in arrays]).astype(np.float32)
+    out, start = {}, 0
+    for k, a in zip(keys, arrays):
+        out[k] = torch.from_numpy(flat[start:start + a.size].reshape(a.shape))
+        start += a.size
+    return out
+
+
+def sample_crop(raw: RawSample, img_size: int, augment: CropAugment | None,
+                rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(uint8 crop, its K, the rotation R its labels take): one sample's augmentation drawn from `rng`."""
+    p = (augment if augment is not None else EVAL_CROP).sample(rng)
     center, side = crop_box(raw.box, p)
     crop, K, R = crop_and_rotate(raw.image, raw.K, center, side, img_size, p["rot"])
     if p["color"] is not None:
         crop = jitter_color(crop, p["color"])
-    labels = crop_labels(raw, K, R, img_size)
-    item = {"image": normalize_image(crop)}
-    for k in ("joints_xyz", "joints_uvd", "K", "root_depth", "bone", "verts_xyz", "verts_uvd"):
-        if k in labels:
-            item[k] = torch.as_tensor(labels[k], dtype=torch.float32)
-    item["prompts"] = prompts(labels["joints_xyz"], rng) if prompts is not None else {}
-    item["meta"] = {"index": int(index), "file": raw.file}
-    if raw.visible is not None:
-        item["visible"] = torch.as_tensor(np.asarray(raw.visible, dtype=bool))
-    return item
+    return crop, K, R
+
+
+def build_items(raws: list[RawSample], *, indices: list[int], img_size: int, augment: CropAugment | None = None,
+                prompts=None, rngs: list) -> list[dict]:
+    """Raw samples -> items of docs/conventions.md (crop, labels in the crop's camera, prompts). Each image is
+    cropped on its own; the labels of all are computed at once (a loader worker's batch), each item's
+    exactly as alone. Each item's rng draws its augmentation, then its prompts."""
+    crops = [sample_crop(raw, img_size, augment, rng) for raw, rng in zip(raws, rngs)]
+    with_verts = all(raw.verts is not None for raw in raws)
+    labels = crop_labels(np.stack([raw.xyz for raw in raws]), np.stack([c[1] for c in crops]),
+                         np.stack([c[2] for c in crops]), img_size,
+                         np.stack([raw.verts for raw in raws]) if with_verts else None)
+    tensors = label_tensors(labels)
+    items = []
+    for i, (raw, rng, (crop, _, _)) in enumerate(zip(raws, rngs, crops)):
+        item = {"image": image_tensor(crop), **{k: v[i] for k, v in tensors.items()}}
+        item["prompts"] = prompts(labels["joints_xyz"][i], rng) if prompts is not None else {}
+        item["meta"] = {"index": int(indices[i]), "file": raw.file}
+        if raw.visible is not None:
+            item["visible"] = torch.as_tensor(np.asarray(raw.visible, dtype=bool))
+        items.append(item)
+    return items
+
+
+def build_item(raw: RawSample, *, index: int, img_size: int, augment: CropAugment | None = None,
+               prompts=None, rng: np.random.Generator | None = None) -> dict:
+    """One raw sample -> its item (`build_items` of one)."""
+    return build_items([raw], indices=[index], img_size=img_size, augment=augment, prompts=prompts, rngs=[rng])[0]

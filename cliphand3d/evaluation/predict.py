@@ -9,9 +9,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.transforms import batch_to_device
 from ..errors import ConfigError, DatasetError
 from ..geometry import root_and_bone_from_uvd, uvd_to_xyz
-from ..runtime import to_device
+from ..runtime import guard_shared_memory
 from ..skeleton import SCALE_BONE
 
 PLACEMENTS = ("auto", "gt", "estimated")
@@ -35,8 +36,8 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, *, text_br
     def add(k, v):
         acc.setdefault(k, []).append(v.detach().float().cpu().numpy() if isinstance(v, torch.Tensor) else v)
 
-    for batch in loader:
-        batch = to_device(batch, device)
+    for batch in guard_shared_memory(loader):
+        batch = batch_to_device(batch, device)  # the loader's bytes become the model's input there
         out = model(batch["image"], pose_features=text_branch is not None)
         S = batch["image"].shape[-1]
         K = batch["K"]

@@ -18,7 +18,7 @@ from ..build import (build_dataset, build_datasets, build_prompts, check_split, 
 from ..checkpoint.state import template_from_state
 from ..errors import ConfigError
 from ..preflight import check_writable
-from ..runtime import make_loader, pick_device
+from ..runtime import configure_cuda, make_loader, pick_device
 from .baselines import score_baselines, training_mean_uvd
 from .predict import check_placement, exact_labels, predict
 from .report import markdown_table, write_per_sample_csv, write_pictures, write_pred_json
@@ -80,7 +80,8 @@ def run_eval(cfg: DictConfig) -> dict:
     ckpt_path = Path(cfg.ckpt).expanduser()
     out_dir = Path(cfg.out_dir).expanduser() if cfg.get("out_dir") else ckpt_path.parent.parent / f"eval_{ckpt_path.stem}"
     check_writable(out_dir, "out_dir", keep=False)  # before minutes of predictions are spent
-    device = pick_device(cfg.device, 0)
+    device = pick_device(cfg.device, 0, key="device")
+    configure_cuda(benchmark=bool(cfg.get("cudnn_benchmark", False)), tf32=bool(cfg.get("tf32", False)))
     model, saved, ckpt = load_model(ckpt_path, model_overrides(cfg), device, use_ema=bool(cfg.use_ema))
     run = eval_config(cfg, saved)
     template = template_from_state(ckpt["template"])

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .. import metrics
+from .. import dist, metrics
 from .predict import exact_labels, predict
+from .sharding import merge_predictions
 
 AXES = ("x", "y", "z")
 
@@ -32,10 +33,18 @@ def score_predictions(protocol: str, preds: dict, retrieval_batch_sizes: Sequenc
 
 
 def validate(model, loader, device, protocol: str, text_branch=None) -> tuple[dict, dict]:
-    """Predictions over the val loader -> the same metrics eval.py reports (and the predictions)."""
-    preds = predict(model, loader, device, text_branch=text_branch)
-    preds.update(exact_labels(loader.dataset, preds))
-    return score_predictions(protocol, preds), preds
+    """Predictions over the val loader -> the same metrics eval.py reports (and the predictions).
+
+    On several processes (torch.distributed) every rank calls this with a loader over its share of the split
+    (sharding.shard_positions): the shares are gathered on rank 0 in dataset order and scored there once, so
+    the metrics are exactly one process's; every rank returns them, and rank 0 the predictions ({} elsewhere)."""
+    share = predict(model, loader, device, text_branch=text_branch)
+    parts, res, preds = dist.gather_to_main(share), None, {}
+    if parts is not None:
+        preds = merge_predictions(parts)
+        preds.update(exact_labels(loader.dataset, preds))
+        res = score_predictions(protocol, preds)
+    return dist.broadcast_from_main(res), preds
 
 
 def protocol_errors(protocol: str, preds: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -151,7 +151,17 @@ class _Stage(nn.Module):
         x = x.transpose(0, 1) if self.attention_over == "batch" else x
         if self.cue_placement == "after":
             x = x + cue
-        return x, self.head(x)
+        return x, full_precision(self.head, x)
+
+
+def full_precision(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn(x) in float32 even under autocast: the stage heads and J make the outputs (uvd, where one bf16 step
+    of u near 1 is about a pixel at FreiHAND's framing), so they never run in half precision. Without
+    autocast, fn(x) itself."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return fn(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return fn(x.float())
 
 
 def _redecide_joints_only(module: "CoarseToFineRegressor", incompatible_keys) -> None:
@@ -278,4 +288,4 @@ class CoarseToFineRegressor(nn.Module):
             x, out = stage(x, getattr(self, f"level_pos_{l}"), per_stage[l])
             outs.append(out)
         verts = outs[-1]
-        return {"verts": verts, "joints": self.J.to(verts.dtype) @ verts, "stages": outs}
+        return {"verts": verts, "joints": full_precision(lambda v: self.J.to(v.dtype) @ v, verts), "stages": outs}

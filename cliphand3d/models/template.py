@@ -15,7 +15,6 @@ import hashlib
 import inspect
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..geometry import rigid_rotations
+from ..serialization import write_atomic
 from ..skeleton import NUM_JOINTS, REF_BONE, ROOT, bone_length
 
 # Bump when the build changes its output for the same inputs, so old caches are rebuilt.
@@ -310,17 +310,11 @@ def load_or_build_template(cache_path: str | os.PathLike, verts, joints, **kw) -
         except (OSError, ValueError, KeyError, EOFError) as e:
             warnings.warn(f"template cache {path} is unreadable ({e}); rebuilding it")
     template = builder(*arrays.values(), **kw)
-    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Write-then-rename so concurrent readers never see a half-written file.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, fingerprint=np.array(fp), **template.to_dict())
-        os.replace(tmp, path)
+        # written whole (temp file, then rename), so concurrent readers never see a half-written file
+        write_atomic(path, lambda f: np.savez(f, fingerprint=np.array(fp), **template.to_dict()))
     except OSError as e:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
         warnings.warn(f"could not write the template cache {path} ({e}); it will be rebuilt next time. "
                       "Point the cache path at a writable folder to keep it.")
     return template

@@ -14,7 +14,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from ..runtime import autocast_for, to_device, unwrap
+from ..data.transforms import batch_to_device
+from ..runtime import autocast_for, unwrap
 from .guards import check_nonfinite_limit, loss_error, read_step, skip_or_stop
 
 
@@ -119,7 +120,7 @@ def train_one_epoch(module: nn.Module, loader: Iterable, optimizer: torch.optim.
     for batch in loader:
         if state.step >= total_steps:
             break
-        batch = to_device(batch, device)
+        batch = batch_to_device(batch, device)  # the loader's bytes become the model's input there
         loss, terms = _backward(module, batch, optimizer, scaler, cast)
         grad_norm = _grad_norm(params, loss)
         report = (log is not None or progress is not None) and (

@@ -63,15 +63,18 @@ def find_resume_checkpoint(run_dir: str | os.PathLike, resume: Any) -> Path | No
 # Config keys a resume may change: they decide where a run lives and how it is watched, validated and
 # checkpointed, never the weights it computes (an item is a function of (seed, epoch, index) whichever
 # worker loads it; validation and checkpoints draw from no training RNG). Everything else must match,
-# keys added later included: optim.*, seed, and trainer.batch_size (the position counts batches),
-# epochs / max_steps (the warm-up + cosine schedule spans the total, so a new total changes the learning
-# rate from the resume on), amp, grad_clip, ema_decay, monitor (best_metric holds its values).
+# keys added later included: optim.* (lr_scaling too), seed, and trainer.batch_size (the position counts
+# batches), epochs / max_steps / schedule_batch (the warm-up + cosine schedule spans the total, counted in
+# schedule batches, so a new total changes the learning rate from the resume on), amp, grad_clip, ema_decay,
+# monitor (best_metric holds its values). val_batch_size may change: validation shares are whole val batches,
+# and the metrics are those of one process whatever the batch (train/run.py, evaluation/sharding.py).
 RESUME_MAY_CHANGE = (
     "name", "run_dir", "resume",                      # where the run lives, how it was started
     "logger",                                         # TensorBoard, log frequency
     "trainer.device", "trainer.dist_backend",         # another machine (float results may differ slightly)
-    "trainer.num_workers", "trainer.worker_nice", "trainer.val_batch_size", "trainer.val_every_steps",
-    "trainer.val_every_epochs",
+    "trainer.cudnn_benchmark", "trainer.tf32",        # the GPU's kernels (float results may differ slightly)
+    "trainer.num_workers", "trainer.worker_nice", "trainer.worker_cv2_threads", "trainer.sharing_strategy",
+    "trainer.val_batch_size", "trainer.val_every_steps", "trainer.val_every_epochs",
     "trainer.ckpt_every_steps", "trainer.save_init", "trainer.record_samples",
     "trainer.max_nonfinite_steps",                    # only decides when a failing run stops
     "trainer.final_eval",                             # scores best.pt after training, trains nothing
@@ -79,10 +82,28 @@ RESUME_MAY_CHANGE = (
 )
 
 
+# Keys that change what a run computes, added after checkpoints were written without them: absent from a saved
+# config, each means the value that reproduces what that run computed.
+RESUME_ABSENT_MEANS = {
+    "trainer.schedule_batch": None,  # the schedule counted in batches of trainer.batch_size
+    "optim.lr_scaling": "none",  # optim.lr as written
+}
+
+
+def _with_absent_defaults(cfg: dict) -> dict:
+    """`cfg` (a plain nested dict) with RESUME_ABSENT_MEANS filled in where a group it has lacks the key."""
+    out = dict(cfg)
+    for key, value in RESUME_ABSENT_MEANS.items():
+        group, name = key.split(".")
+        if isinstance(out.get(group), dict) and name not in out[group]:
+            out[group] = {**out[group], name: value}
+    return out
+
+
 def resume_mismatches(saved: dict, cfg: dict, *, world_size: int, batch_size: int) -> list[str]:
     """What keeps `saved` (a checkpoint) from continuing exactly as this run (config `cfg`, a plain
     dict), one 'key: saved X, now Y' line each; empty when it can."""
-    saved_cfg = saved.get("config") or {}
+    saved_cfg = _with_absent_defaults(config_to_container(saved.get("config") or {}))
     keys = compare_configs(saved_cfg, cfg, keys=None, ignore=RESUME_MAY_CHANGE)
     lines = [f"{k}: saved {config_value(saved_cfg, k)!r}, now {config_value(cfg, k)!r}" for k in keys]
     ts = saved.get("train_state") or {}

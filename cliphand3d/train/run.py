@@ -6,6 +6,7 @@ entries: checkpoint/state.py) and resumes (resume.py). Devices and DDP come from
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -27,8 +28,10 @@ from ..data.sampler import ResumableSampler
 from ..errors import ConfigError, NonFiniteLossError
 from ..evaluation.run import evaluate_run
 from ..evaluation.scoring import validate
+from ..evaluation.sharding import shard_positions
 from ..preflight import check_config, check_writable
-from ..runtime import autocast_for, make_loader, pick_device, seed_everything, unwrap
+from ..runtime import (autocast_for, configure_cuda, guard_shared_memory, make_loader, pick_device, seed_everything,
+                       unwrap)
 from .ema import ModelEMA
 from .guards import check_checkpoint_space, check_gradients, rank_weight_checksums
 from .logger import RunLogger
@@ -104,6 +107,7 @@ class Run:
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.device = pick_device(cfg.trainer.device, local_rank)
+        configure_cuda(benchmark=bool(cfg.trainer.get("cudnn_benchmark", True)), tf32=bool(cfg.trainer.get("tf32", True)))
         self.bs = int(cfg.trainer.batch_size)
         self.cfg, saved, init, self.resume_path = self._starting_point(cfg)
         self.tcfg = self.cfg.trainer
@@ -147,13 +151,20 @@ class Run:
         sets = build_datasets(self.cfg, prompts, splits=("train", "val"))  # never test: it must not choose best.pt
         self.train_set, self.val_set = sets["train"], sets["val"]
         self.sampler = ResumableSampler(len(self.train_set), shuffle=True, seed=int(self.cfg.seed), rank=self.rank,
-                                        world_size=self.world, batch_size=self.bs, drop_last=True)
+                                        world_size=self.world, batch_size=self.bs, drop_last=True, with_epoch=True)
         self.steps_per_epoch = self.sampler.batches_per_epoch()
         if self.steps_per_epoch == 0:
             raise ConfigError(f"trainer.batch_size={self.bs} x {self.world} process(es) is larger than the training "
                              f"set ({len(self.train_set)} samples): lower trainer.batch_size or use more data")
-        self.val_loader = make_loader(self.val_set, batch_size=int(self.tcfg.val_batch_size),
-                                      num_workers=int(self.tcfg.num_workers), device=self.device)
+        # built once: their workers live for the whole run (the sampler tells them the epoch)
+        self.train_loader = self._loader(self.train_set, self.bs, sampler=self.sampler, drop_last=True)
+        self.val_loader = self._loader(self.val_set, int(self.tcfg.val_batch_size))
+
+    def _loader(self, dataset, batch_size: int, **kw):
+        t = self.tcfg
+        return make_loader(dataset, batch_size=batch_size, num_workers=int(t.num_workers), device=self.device,
+                           worker_nice=int(t.get("worker_nice", 0)), cv2_threads=int(t.get("worker_cv2_threads", 1)),
+                           sharing_strategy=t.get("sharing_strategy"), **kw)
 
     def _build_module(self, saved: dict | None, init: dict | None) -> None:
         cfg = self.cfg
@@ -179,11 +190,19 @@ class Run:
         self.module = module
 
     def _build_optimisation(self) -> None:
+        """The optimiser and the schedule, defined in samples (train/optim.py): the same curve over samples on
+        any number of processes, ceil(total samples / global batch) steps."""
         ocfg, tcfg = self.cfg.optim, self.tcfg
-        self.optimizer = optimizer_from_config(self.module, ocfg)
-        total = int(tcfg.max_steps) if tcfg.get("max_steps") else int(tcfg.epochs) * self.steps_per_epoch
-        self.total_steps = total
-        self.scheduler = schedule_from_config(self.optimizer, ocfg, total)
+        self.schedule = schedule_from_config(tcfg, ocfg, train_size=len(self.train_set), batch_size=self.bs,
+                                             world_size=self.world)
+        self.optimizer = optimizer_from_config(self.module, ocfg, lr_scale=self.schedule.lr_scale)
+        self.total_steps = self.schedule.steps
+        self.scheduler = self.schedule.scheduler(self.optimizer)
+        if self.main:
+            sch = self.schedule
+            log.info("schedule: %d samples (%d batches of trainer.schedule_batch=%d, warm-up %d samples) in %d steps "
+                     "of %d x %d; lr x %.4g (optim.lr_scaling=%s)", sch.total, sch.total // sch.unit, sch.unit,
+                     sch.warmup, sch.steps, self.world, self.bs, sch.lr_scale, ocfg.get("lr_scaling", "none"))
         _, self.scaler = autocast_for(self.device, tcfg.amp)
         self.ema = (ModelEMA(unwrap(self.module).model, decay=float(tcfg.ema_decay))
                     if tcfg.get("ema_decay") else None)
@@ -229,27 +248,44 @@ class Run:
             self.skips.sync(self.device)
             self.checkpoint("last.pt")
 
+    @functools.cached_property
+    def val_share(self):
+        """This rank's loader over `val`: whole batches, a contiguous share (evaluation/sharding.py); the whole
+        val loader in one process."""
+        if self.world == 1:
+            return self.val_loader
+        bs = int(self.tcfg.val_batch_size)
+        return self._loader(self.val_set, bs, sampler=shard_positions(len(self.val_set), bs, self.rank, self.world))
+
     def validate(self) -> dict:
-        """Validate on `val` (rank 0), log, and keep best.pt by `trainer.monitor`."""
-        st, res = self.state, {}
+        """Validate on `val`, sharded over the ranks: each predicts its share, rank 0 scores the gathered
+        predictions once (exactly one process's metrics: evaluation/scoring.validate), logs them and keeps
+        best.pt by `trainer.monitor`. Every rank gets the metrics and keeps the same history and best step."""
+        st, monitor = self.state, self.tcfg.monitor
         self.skips.sync(self.device)  # a collective, so here where every rank is, not where rank 0 saves best.pt
+        eval_model = self.ema.module if self.ema is not None else unwrap(self.module).model
+        # each rank's last training forward moved its own BatchNorm statistics (the EMA copies them): validate
+        # rank 0's on every rank (DDP would send them at the next step anyway)
+        dist.broadcast_buffers(unwrap(self.module))
+        if self.ema is not None:
+            dist.broadcast_buffers(self.ema.module)
+        res, preds = validate(eval_model, self.val_share, self.device, getattr(self.val_set, "protocol", "freihand"),
+                              text_branch=self.text_branch)
+        if monitor not in res:
+            raise KeyError(f"trainer.monitor={monitor!r} is not a validation metric; choose from {sorted(res)}")
+        st.history.append({"step": st.step, **res})
+        best = improves(monitor, float(res[monitor]), st)
+        if best:
+            st.best_metric, st.best_step = float(res[monitor]), st.step
         if self.main:
-            eval_model = self.ema.module if self.ema is not None else unwrap(self.module).model
-            res, preds = validate(eval_model, self.val_loader, self.device,
-                                  getattr(self.val_set, "protocol", "freihand"), text_branch=self.text_branch)
             for k, v in res.items():
                 self.logger.scalar(f"val/{k}", v, st.step)
             self.logger.validation_figures(self.val_set, preds, st.step)
-            monitor = self.tcfg.monitor
-            if monitor not in res:
-                raise KeyError(f"trainer.monitor={monitor!r} is not a validation metric; choose from {sorted(res)}")
-            st.history.append({"step": st.step, **res})
-            if improves(monitor, float(res[monitor]), st):
-                st.best_metric, st.best_step = float(res[monitor]), st.step
+            if best:
                 self.checkpoint("best.pt")
             log.info("step %d | %s", st.step, " ".join(f"{k}={v:.4g}" for k, v in res.items()))
         if dist.is_dist():
-            torch.distributed.barrier()
+            torch.distributed.barrier()  # rank 0 writes best.pt meanwhile
         unwrap(self.module).train()
         return res
 
@@ -260,10 +296,7 @@ class Run:
                 st.epoch, st.batch_in_epoch = st.epoch + 1, 0
             self.sampler.set_epoch(st.epoch, st.batch_in_epoch)
             self.train_set.set_epoch(st.epoch)
-            loader = make_loader(self.train_set, batch_size=self.bs, sampler=self.sampler, drop_last=True,
-                                 num_workers=int(tcfg.num_workers), device=self.device,
-                                 worker_nice=int(tcfg.get("worker_nice", 0)))
-            loader = self.skips.wrap(loader)
+            loader = self.skips.wrap(guard_shared_memory(self.train_loader))
             if self.recorder is not None:
                 loader = self.recorder.wrap(loader)
             train_one_epoch(self.module, loader, self.optimizer, self.scheduler, st, device=self.device,
@@ -310,7 +343,10 @@ class Run:
         st = self.state  # (the final checkpoint set samples_seen)
         summary = {"steps": st.step, "samples_seen": st.samples_seen, "wall_s": round(wall, 1),
                    "best_step": st.best_step, "best": st.best_metric, "last": self.last_metrics,
-                   "world_size": self.world, "rank_weight_checksums": checksums, "skipped_bad": self.skips.total}
+                   "world_size": self.world, "rank_weight_checksums": checksums, "skipped_bad": self.skips.total,
+                   # rank 0's CUDA allocator peak (MB), None on the CPU
+                   "peak_memory_mb": (round(torch.cuda.max_memory_allocated(self.device) / 2 ** 20)
+                                      if self.device.type == "cuda" else None)}
         if self.skips.total:
             log.warning("data.skip_bad: %d training item(s) were unreadable and replaced by the next readable "
                         "one (each named above); run scripts/check_data.py to list the damaged files", self.skips.total)

@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import torch
 from omegaconf import DictConfig
+from torch.utils.data import default_collate
 
 from ...build import build_datasets, build_prompts, compose_config
 from ...data import writers
@@ -26,9 +27,12 @@ def bench_loader(cfg: DictConfig, device: torch.device, shared: dict) -> tuple[l
     with tempfile.TemporaryDirectory(prefix="cliphand3d_bench_") as tmp:
         for fmt, overrides in s.formats.items():
             dataset, files = loader_dataset(cfg, fmt, overrides, Path(tmp))
-            raw[fmt] = loader_pair(dataset, files, int(s.crops), int(s.rounds), int(s.warmup))
+            raw[fmt] = loader_pair(dataset, files, int(s.crops), int(s.rounds), int(s.warmup), consume["batch"])
             worker = median(raw[fmt]["item"]) / raw[fmt]["n"]
             rows.add(f"{fmt} worker", 1e3 * worker, "ms/crop", per_s(1, worker, "crops"))
+            size, parts = batch_bytes(dataset, consume["batch"])
+            rows.add(f"{fmt} bytes per batch", size / 2 ** 20, "MB/batch",
+                     f"a batch of {consume['batch']} as workers hand it over: {parts}")
             rows.ratio(f"{fmt} worker / step consumption", "default step consumes", f"{fmt} worker",
                        "crops/s one worker delivers over crops/s a step takes")
             if files:
@@ -37,6 +41,16 @@ def bench_loader(cfg: DictConfig, device: torch.device, shared: dict) -> tuple[l
                 rows.ratio(f"{fmt} per-crop cost / decode", f"{fmt} worker", f"{fmt} bare decode",
                            "the decode is the floor")
     return rows.items, raw
+
+
+def batch_bytes(dataset, batch_size: int) -> tuple[int, str]:
+    """(bytes, what holds them) of one collated batch: what crosses shared memory, pinning and the copy."""
+    batch = default_collate([dataset[i % len(dataset)] for i in range(int(batch_size))])
+    sizes = {k: v.nbytes for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    image = sizes.pop("image")
+    rest = sum(sizes.values())
+    return image + rest, (f"image {image / 2 ** 20:.2f} MB ({batch['image'].dtype}), "
+                          f"labels {rest / 2 ** 20:.2f} MB")
 
 
 def consumption(cfg: DictConfig, device: torch.device, shared: dict) -> dict:
@@ -71,14 +85,16 @@ def loader_dataset(cfg: DictConfig, fmt: str, overrides, tmp: Path):
     return ds, files
 
 
-def loader_pair(dataset, files: list[str], items: int, rounds: int, warmup: int) -> dict:
-    """Seconds per round of `items` dataset items (one process, one torch and one OpenCV thread, as in a
-    DataLoader worker: trainer.single_threaded_worker) and of cv2.imread of the same files; rounds alternate."""
+def loader_pair(dataset, files: list[str], items: int, rounds: int, warmup: int, batch: int) -> dict:
+    """Seconds per round of `items` dataset items, fetched in batches of `batch` as a DataLoader worker fetches
+    them (`__getitems__`; one process, one torch and one OpenCV thread, as in a worker), and of cv2.imread of
+    the same files; rounds alternate."""
     idx = [i % len(dataset) for i in range(items)]
+    chunks = [idx[i:i + batch] for i in range(0, len(idx), batch)]
 
     def load():
-        for i in idx:
-            dataset[i]
+        for chunk in chunks:
+            dataset.__getitems__(chunk)
 
     fns = {"item": load}
     if files:

@@ -70,7 +70,7 @@ def run_benchmark(cfg: DictConfig) -> dict:
     t0 = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    device = pick_device(str(cfg.device), 0)
+    device = pick_device(str(cfg.device), 0, key="device")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = {"env": environment(device), "sections": sections, "rows": [], "raw": {}, "section_wall_s": {},

@@ -15,8 +15,9 @@ from omegaconf import DictConfig
 
 from ...build import build_datasets, build_model, build_prompts, build_template, build_training_module
 from ...data.sampler import ResumableSampler
+from ...data.transforms import batch_to_device
 from ...models.training import TrainingModule
-from ...runtime import make_loader, seed_everything, to_device
+from ...runtime import make_loader, seed_everything
 from ...train.loop import TrainState, train_one_epoch
 from ...train.optim import optimizer_from_config
 
@@ -48,7 +49,7 @@ def eval_model(cfg: DictConfig, device: torch.device):
 
 def first_batch(dataset, batch_size: int, device: torch.device) -> dict:
     loader = make_loader(dataset, batch_size=batch_size, num_workers=0, device=device)
-    return to_device(next(iter(loader)), device)
+    return batch_to_device(next(iter(loader)), device)
 
 
 # Job-control signals pause a run's loader workers between its turns (None where the platform has none).

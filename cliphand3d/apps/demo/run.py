@@ -64,7 +64,7 @@ def process_video(dm: DemoModel, path: Path, stem: str, out: Path, box, s: Setti
 
 
 def load_demo_model(cfg: DictConfig) -> DemoModel:
-    device = pick_device(cfg.device, 0)
+    device = pick_device(cfg.device, 0, key="device")
     model, saved, _ = load_model(Path(str(cfg.ckpt)).expanduser(), model_overrides(cfg), device,
                                  use_ema=bool(cfg.use_ema))
     if OmegaConf.select(saved, "model.attention_over") == "batch":
