@@ -1,4 +1,5 @@
 """Small pure pieces of the training run: the resumable sampler, the LR schedule, CLI error unwrapping."""
+import copy
 import math
 
 import pytest
@@ -178,3 +179,26 @@ def test_loader_workers_run_at_the_configured_lower_priority(nice):
     from cliphand3d.runtime import make_loader
     loader = make_loader(_NicenessSeen(), batch_size=1, num_workers=1, device=torch.device("cpu"), worker_nice=nice)
     assert [int(b) for b in loader] == [os.nice(0) + nice] * 2
+
+
+def test_a_constructor_keyword_absent_from_an_older_run_means_its_default():
+    """A run saved before model.backbone_stages existed resumes under today's config: absent, the key means the
+    constructor's default (4). A value other than that default is still refused, and so is a key no constructor
+    takes (trainer.*: only RESUME_ABSENT_MEANS speaks for those)."""
+    from cliphand3d.train.resume import resume_mismatches
+
+    cfg = _composed("model=cliphand3d")
+    assert cfg["model"]["backbone_stages"] == 4
+    older = copy.deepcopy(cfg)
+    del older["model"]["backbone_stages"]
+    for node in (older["data"]["augment"], older["data"]["train"]["augment"]):  # a nested _target_ too
+        del node["rot_prob"]
+    saved = {"config": older, "train_state": {"step": 7, "batch_in_epoch": 7, "world_size": 1, "batch_size": 32}}
+    check = lambda c: resume_mismatches(saved, c, world_size=1, batch_size=32)  # noqa: E731
+    assert check(cfg) == []
+    assert check(_composed("model=cliphand3d", "model.backbone_stages=3")) == [
+        "model.backbone_stages: saved 4, now 3"]
+    assert check(_composed("model=cliphand3d", "data.augment.rot_prob=0.5")) == [
+        "data.augment.rot_prob: saved 0.6, now 0.5", "data.train.augment.rot_prob: saved 0.6, now 0.5"]
+    del older["trainer"]["grad_clip"]
+    assert check(cfg) == [f"trainer.grad_clip: saved '<absent>', now {cfg['trainer']['grad_clip']!r}"]

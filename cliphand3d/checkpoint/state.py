@@ -10,6 +10,7 @@ Both are read by build.load_model (eval.py, the demo, export) and by `init_from=
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import random
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..models.template import MeshTemplate
@@ -200,6 +202,40 @@ def compare_configs(saved: Mapping[str, Any], current: Mapping[str, Any],
         _diff(saved.get(g, _MISSING), current.get(g, _MISSING), g, out)
     skip = tuple(ignore)
     return [k for k in out if not any(k == i or k.startswith(i + ".") for i in skip)]
+
+
+def constructor_defaults(target: str) -> dict[str, Any]:
+    """The keyword defaults of the callable a `_target_` names, as config values (tuples as lists); {} when
+    it cannot be located. Defaults that are not plain data are left out: no config value can equal them."""
+    try:
+        params = inspect.signature(get_object(target)).parameters
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return {}
+    out = {}
+    for name, p in params.items():
+        if p.default is inspect.Parameter.empty:
+            continue
+        try:
+            out[name] = _plain(p.default, name)
+        except TypeError:
+            continue
+    return out
+
+
+def with_constructor_defaults(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
+    """`saved` (a plain nested config) where every node that builds the same `_target_` as `current`'s has each
+    key it lacks and `current` has filled with that constructor's default. Constructor defaults keep the
+    behaviour from before a keyword existed (docs/conventions.md), so a key absent from an older run's config
+    means what its constructor then did: adding an option never strands a running experiment."""
+    out = dict(saved)
+    target = current.get("_target_")
+    if isinstance(target, str) and saved.get("_target_") == target:
+        defaults = constructor_defaults(target)
+        out.update({k: defaults[k] for k in current if k not in out and k in defaults})
+    for k, v in current.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = with_constructor_defaults(out[k], v)
+    return out
 
 
 def config_value(cfg: Mapping[str, Any], key: str, missing: Any = "<absent>") -> Any:

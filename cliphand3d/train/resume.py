@@ -13,7 +13,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from ..checkpoint.state import compare_configs, config_to_container, config_value, module_weights, restore_rng_state
+from ..checkpoint.state import (compare_configs, config_to_container, config_value, module_weights, restore_rng_state,
+                                with_constructor_defaults)
 from ..checkpoint.weights import load_model_weights
 from ..errors import ConfigError
 from ..runtime import unwrap
@@ -82,11 +83,14 @@ RESUME_MAY_CHANGE = (
 )
 
 
-# Keys that change what a run computes, added after checkpoints were written without them: absent from a saved
-# config, each means the value that reproduces what that run computed.
+# Keys that change what a run computes, added after checkpoints were written without them, and read by the run
+# itself rather than passed to a constructor: absent from a saved config, each means the value that reproduces
+# what that run computed. A constructor's keyword (a key under a `_target_`) needs no entry here: absent, it
+# means the constructor's default (checkpoint.state.with_constructor_defaults).
 RESUME_ABSENT_MEANS = {
     "trainer.schedule_batch": None,  # the schedule counted in batches of trainer.batch_size
     "optim.lr_scaling": "none",  # optim.lr as written
+    "trainer.accumulate": 1,  # one forward pass per optimiser step
 }
 
 
@@ -103,7 +107,7 @@ def _with_absent_defaults(cfg: dict) -> dict:
 def resume_mismatches(saved: dict, cfg: dict, *, world_size: int, batch_size: int) -> list[str]:
     """What keeps `saved` (a checkpoint) from continuing exactly as this run (config `cfg`, a plain
     dict), one 'key: saved X, now Y' line each; empty when it can."""
-    saved_cfg = _with_absent_defaults(config_to_container(saved.get("config") or {}))
+    saved_cfg = with_constructor_defaults(_with_absent_defaults(config_to_container(saved.get("config") or {})), cfg)
     keys = compare_configs(saved_cfg, cfg, keys=None, ignore=RESUME_MAY_CHANGE)
     lines = [f"{k}: saved {config_value(saved_cfg, k)!r}, now {config_value(cfg, k)!r}" for k in keys]
     ts = saved.get("train_state") or {}
