@@ -4,6 +4,7 @@ import pytest
 import torch
 import torchvision
 
+from cliphand3d.data.transforms import model_input
 from cliphand3d.errors import PretrainedWeightsError
 from cliphand3d.models import pretrained
 from cliphand3d.models.backbone import ResNetBackbone
@@ -118,3 +119,31 @@ def test_cached_tag_loads_from_hub_cache(empty_hub, monkeypatch):
     net = ResNetBackbone(name="resnet18", pretrained="DEFAULT")  # DEFAULT is IMAGENET1K_V1 here
     assert torch.equal(net.conv1.weight, ref.conv1.weight)
     assert torch.equal(net.layer4[1].bn2.weight, ref.layer4[1].bn2.weight)
+
+
+def test_imagenet_input_norm_feeds_the_weights_what_torchvision_trained_them_on(tmp_path, caplog):
+    """Crops arrive as (x/255 - 0.5)/0.5 (model_input); input_norm=imagenet must make the first convolution see
+    torchvision's (x/255 - mean)/std, so a plain torchvision ResNet on that input gives the same features."""
+    torch.manual_seed(0)
+    ref = torchvision.models.resnet18(weights=None).eval()
+    path = tmp_path / "r18.pth"
+    torch.save(ref.state_dict(), path)
+    with caplog.at_level("WARNING"):
+        net = ResNetBackbone(name="resnet18", pretrained=str(path), input_norm="imagenet").eval()
+    assert "input_norm" not in caplog.text
+    u8 = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    tv = torchvision.transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))(u8.float() / 255)
+    trunk = torch.nn.Sequential(*list(ref.children())[:-2]).eval()
+    with torch.no_grad():
+        assert torch.allclose(net(model_input(u8))[4], trunk(tv), atol=1e-5)
+        # symmetric (the constructor default, every run before the option) is the input as it arrives
+        sym = ResNetBackbone(name="resnet18", pretrained=str(path)).eval()
+        assert torch.equal(sym(model_input(u8))[4], trunk(model_input(u8)))
+        assert not torch.allclose(sym(model_input(u8))[4], net(model_input(u8))[4], atol=1e-3)
+    # nothing new in the state dict: torchvision files and older runs' weights load as before
+    assert net.state_dict().keys() == sym.state_dict().keys()
+    with caplog.at_level("WARNING"):
+        ResNetBackbone(name="resnet18", pretrained=str(path))
+    assert "model.input_norm=imagenet" in caplog.text
+    with pytest.raises(ValueError, match=r"model\.input_norm='imnet'.*imagenet"):
+        ResNetBackbone(name="resnet18", input_norm="imnet")

@@ -192,3 +192,17 @@ def test_bad_options_are_refused_before_exporting(tmp_path, kw, key):
     with pytest.raises(ConfigError, match=key):
         export.export_onnx(torch.nn.Identity(), tmp_path / "x.onnx", img_size=S, **kw)
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_the_input_normalisation_a_model_was_trained_with_travels_into_the_file(tmp_path):
+    """model.input_norm=imagenet is in the checkpoint's model config: the loaded model applies it, and the ONNX
+    file computes it too, so its input stays (x/255 - 0.5)/0.5 whatever the backbone was trained on."""
+    needs_extra()
+    model = model_from_checkpoint(write_checkpoint(tmp_path / "in.pt", "model.input_norm=imagenet"))
+    plain = model_from_checkpoint(write_checkpoint(tmp_path / "sym.pt"))
+    assert model.backbone.input_norm == "imagenet" and plain.backbone.input_norm == "symmetric"
+    x = images(2, seed=3)
+    with torch.no_grad():
+        assert not torch.allclose(model(x)["joints"], plain(x)["joints"], atol=1e-4)
+    export.export_onnx(model, tmp_path / "in.onnx", img_size=S)
+    assert export.check_parity(model, tmp_path / "in.onnx", x) <= 1e-4

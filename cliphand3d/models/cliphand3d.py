@@ -34,7 +34,7 @@ class CLIPHand3D(nn.Module):
         self, *, template: MeshTemplate | dict, img_size: int = 256,
         # image encoder and the 1D-heatmap joint regressor
         backbone: str = "resnet50", pretrained: str | None = None, backbone_stages: int = 4,
-        deconv_channels: int = 256, num_deconv: int = 2, depth_bins: int = 64, depth_range: float = 3.0,
+        input_norm: str = "symmetric", deconv_channels: int = 256, num_deconv: int = 2, depth_bins: int = 64, depth_range: float = 3.0,
         # per-joint features from the heat volume
         joint_feature_impl: str = "factorized", joint_feature_sigma: float = 2.5, joint_feature_hidden: int = 256,
         # the coarse-to-fine regressor
@@ -59,7 +59,7 @@ class CLIPHand3D(nn.Module):
         self.axes = tuple(axes)
         # built in this order, which fixes how the seeded initialisation is shared out among the parts
         self._build_joint_path(backbone=backbone, pretrained=pretrained, backbone_stages=backbone_stages,
-                               deconv_channels=deconv_channels, num_deconv=num_deconv, depth_bins=depth_bins,
+                               input_norm=input_norm, deconv_channels=deconv_channels, num_deconv=num_deconv, depth_bins=depth_bins,
                                z_head=z_head, coord_units=coord_units, bin_offset=bin_offset, embed_dim=embed_dim)
         self.joint_features = JointFeatures(in_channels=self.backbone.channels[0], depth_bins=depth_bins,
                                             sigma=joint_feature_sigma, hidden=joint_feature_hidden,
@@ -77,10 +77,11 @@ class CLIPHand3D(nn.Module):
             for part in (self.backbone, self.joint_regressor, self.joint_features):
                 part.to(memory_format=torch.channels_last)
 
-    def _build_joint_path(self, *, backbone, pretrained, backbone_stages, deconv_channels, num_deconv, depth_bins,
-                          z_head, coord_units, bin_offset, embed_dim) -> None:
+    def _build_joint_path(self, *, backbone, pretrained, backbone_stages, input_norm, deconv_channels, num_deconv,
+                          depth_bins, z_head, coord_units, bin_offset, embed_dim) -> None:
         """The image encoder, the 1D-heatmap joint regressor on its F4, and the per-axis pose heads."""
-        self.backbone = ResNetBackbone(name=backbone, pretrained=pretrained, stages=backbone_stages)
+        self.backbone = ResNetBackbone(name=backbone, pretrained=pretrained, stages=backbone_stages,
+                                       input_norm=input_norm)
         self.joint_regressor = JointRegressor(in_channels=self.backbone.channels[4], deconv_channels=deconv_channels,
                                               num_deconv=num_deconv, depth_bins=depth_bins, z_head=z_head,
                                               coord_units=coord_units, bin_offset=bin_offset,
@@ -142,7 +143,8 @@ class CLIPHand3D(nn.Module):
         """
         heat = ("joints_coarse", "heatmap")
         clip = {a: (f"clip_{a}",) if a in self.axes else () for a in ("x", "y", "z")}
-        final = ("joints",) if self.regressor.joints_only else ("joints", "verts")
+        # the mesh regularisers (edge, normal) read the final vertices only
+        final = ("joints",) if self.regressor.joints_only else ("joints", "verts", "edge", "normal")
         inter = ("stages",) if self.regressor.num_levels > 1 else ()
         last = self.regressor.num_levels - 1
         all_clip = clip["x"] + clip["y"] + clip["z"]
