@@ -20,6 +20,7 @@ from .checkpoint.io import load_checkpoint
 from .checkpoint.state import adapter_weights, head_weights, model_weights, template_from_state
 from .checkpoint.weights import load_model_weights
 from .errors import CheckpointError, ConfigError, DatasetError
+from .losses import MESH_TERMS
 from .models.template import MeshTemplate, load_or_build_template
 from .models.training import TextBranch, TrainingModule
 
@@ -143,8 +144,14 @@ def build_model(cfg: DictConfig, template: MeshTemplate | dict):
     return factory(template=template, embed_dim=embed_dim(cfg))
 
 
-def build_criterion(cfg: DictConfig):
-    return instantiate(cfg.loss, _convert_="all")
+def build_criterion(cfg: DictConfig, template: MeshTemplate | dict | None = None):
+    """The loss; when a mesh regulariser (loss.weights.edge / normal) weighs, it reads its neighbour graph
+    off `template`."""
+    weights = cfg.loss.get("weights") or {}
+    if template is None or not any(float(weights.get(t, 0.0)) != 0.0 for t in MESH_TERMS):
+        return instantiate(cfg.loss, _convert_="all")
+    # partial, then called: Hydra would try to merge the template's arrays into the config
+    return instantiate(cfg.loss, _partial_=True, _convert_="all")(template=template)
 
 
 def build_training_module(cfg: DictConfig, template: MeshTemplate | dict) -> tuple[TrainingModule, TextBranch | None]:
@@ -153,7 +160,7 @@ def build_training_module(cfg: DictConfig, template: MeshTemplate | dict) -> tup
     retrieval with (None when the contrastive term is off)."""
     model = build_model(cfg, template)
     encoder, adapters = build_text(cfg)
-    module = TrainingModule(model, build_criterion(cfg), encoder, adapters)
+    module = TrainingModule(model, build_criterion(cfg, template), encoder, adapters)
     return module, (TextBranch(encoder, adapters) if encoder is not None else None)
 
 

@@ -25,6 +25,7 @@ from ..errors import ConfigError
 from ..geometry import rigid_rotations
 from ..serialization import write_atomic
 from ..skeleton import NUM_JOINTS, REF_BONE, ROOT, bone_length
+from .mesh_graph import MeshGraph, build_mesh_graph, skeleton_points
 
 # Bump when the build changes its output for the same inputs, so old caches are rebuilt.
 _CACHE_VERSION = "1"
@@ -72,6 +73,12 @@ class MeshTemplate:
     @property
     def level_sizes(self) -> list[int]:
         return [len(lv) for lv in self.levels]
+
+    def mesh_graph(self, k: int = 5) -> MeshGraph:
+        """The k-nearest-neighbour graph of the mean mesh and its triangles, oriented away from the bones
+        (mesh_graph.py). Derived from `verts` whenever asked and never stored, so template caches and
+        checkpoints stay as they were."""
+        return build_mesh_graph(self.verts, k, inside=skeleton_points(self.joints))
 
     def to_dict(self) -> dict[str, np.ndarray]:
         """Plain numpy arrays only (loadable with allow_pickle=False); levels are flattened."""
