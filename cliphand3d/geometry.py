@@ -1,4 +1,5 @@
-"""Projection, crops and their intrinsics, in-plane rotation, mirroring, uvd<->xyz, Procrustes.
+"""Projection, crops and their intrinsics, in-plane rotation, mirroring, uvd<->xyz, Procrustes, the area under
+a curve.
 
 Pure functions. Conventions (docs/conventions.md): OpenCV camera frame, pixel centres at integer
 coordinates, normalised uvd with u = (u_pix + 0.5) / S.
@@ -228,3 +229,11 @@ def rigid_rotations(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
     d = np.sign(np.linalg.det(u @ vt))
     u[..., :, 2] *= d[..., None]
     return u @ vt
+
+
+# --------------------------------------------------------------------------- area under a curve
+def trapezoid(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The trapezoid rule along the last axis: the area under y(x), for every AUC (metrics.py) and the PCK
+    legend (viz.py). numpy names its own np.trapz before 2.0 and np.trapezoid from 2.0 on (np.trapz is gone in
+    2.4): pyproject allows both ends, and the rule is one line."""
+    return ((y[..., 1:] + y[..., :-1]) * 0.5 * np.diff(x)).sum(-1)

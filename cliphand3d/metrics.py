@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
-from .geometry import procrustes_align
+from .geometry import procrustes_align, trapezoid
 from .skeleton import NUM_JOINTS, RHD_EVAL_BONE, ROOT
 
 FREIHAND_PCK_RANGE = (0.0, 0.05, 100)  # (lo m, hi m, steps), official FreiHAND scorer
@@ -82,11 +82,6 @@ def _thresholds(lo: float, hi: float, steps: int) -> np.ndarray:
     if not (hi > lo and steps >= 2):
         raise ValueError(f"PCK thresholds: need hi > lo and steps >= 2, got lo={lo}, hi={hi}, steps={steps}")
     return np.linspace(lo, hi, steps)
-
-
-def _trapezoid(y: np.ndarray, x: np.ndarray) -> np.ndarray:
-    # np.trapz is gone in numpy 2.4 and np.trapezoid absent before 2.0; the rule is one line
-    return ((y[..., 1:] + y[..., :-1]) * 0.5 * np.diff(x)).sum(-1)
 
 
 # --------------------------------------------------------------------------- distances
@@ -165,7 +160,7 @@ def pck_curve(dists, visible=None, lo: float = 0.0, hi: float = 0.05,
 def auc(dists, visible=None, lo: float = 0.0, hi: float = 0.05, steps: int = 100) -> float:
     """Area under each keypoint's PCK curve divided by (hi - lo), then the mean over keypoints."""
     t = _thresholds(lo, hi, steps)
-    per_kp = _trapezoid(pck_per_keypoint(dists, t, visible), t) / (hi - lo)
+    per_kp = trapezoid(pck_per_keypoint(dists, t, visible), t) / (hi - lo)
     return float(per_kp.mean())
 
 
@@ -276,8 +271,8 @@ def rhd_metrics(pred_xyz, gt_xyz, visible=None) -> dict[str, float]:
     out = {
         "epe_mean_mm": mean_error(d, v) * 1000.0,
         "epe_median_mm": median_error(d, v) * 1000.0,
-        "auc_20_50": float(_trapezoid(curve[k:], t[k:]) / (t[-1] - t[k])),
-        "auc_0_50": float((_trapezoid(per_kp, t) / (t[-1] - t[0])).mean()),
+        "auc_20_50": float(trapezoid(curve[k:], t[k:]) / (t[-1] - t[k])),
+        "auc_0_50": float((trapezoid(per_kp, t) / (t[-1] - t[0])).mean()),
     }
     d_pa, d_rr = _joint_distances(p, g)
     out.update(pa_mpjpe_mm=mean_error(d_pa, v) * 1000.0, mpjpe_mm=mean_error(d_rr, v) * 1000.0)

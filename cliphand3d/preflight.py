@@ -16,7 +16,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from . import metrics
-from .build import DATA_SPLITS, text_branch_on
+from .build import DATA_SPLITS, data_sets, monitor_data, text_branch_on
 from .errors import ConfigError
 from .models.text_encoder import tower_context_length as open_clip_context_length
 from .skeleton import NUM_JOINTS
@@ -37,9 +37,9 @@ def metric_names(protocol: str, has_verts: bool) -> list[str]:
 
 
 def monitor_choices(cfg: DictConfig) -> list[str]:
-    """Every validation metric a run with `cfg` reports: the protocol of the validation set's class,
-    plus retrieval per axis when the text branch is on (evaluation.scoring.validate)."""
-    val_class = get_class(cfg.data.val._target_)
+    """Every validation metric a run with `cfg` reports: the protocol of the validation set's class (data=mix:
+    the monitor set's), plus retrieval per axis when the text branch is on (evaluation.scoring.validate)."""
+    val_class = get_class(monitor_data(cfg).val._target_)
     names = metric_names(getattr(val_class, "protocol", "freihand"), bool(getattr(val_class, "has_verts", False)))
     if text_branch_on(cfg):
         names += [f"retrieval_{a}" for a in cfg.prompt.axes if a in ("x", "y", "z")]
@@ -59,7 +59,7 @@ def _monitor_problem(cfg: DictConfig) -> str | None:
     if monitor in choices:
         return None
     return (f"trainer.monitor={monitor!r} is not a metric validation reports for data={cfg.data.get('name')} "
-            f"(class {cfg.data.val._target_}); choose from {choices}")
+            f"(class {monitor_data(cfg).val._target_}); choose from {choices}")
 
 
 def _img_size_problem(cfg: DictConfig) -> str | None:
@@ -91,8 +91,26 @@ def _nonfinite_problem(cfg: DictConfig) -> str | None:
             "in a row before the run stops; 1 = stop at the first)")
 
 
+def _accumulate_problem(cfg: DictConfig) -> str | None:
+    n, batch = cfg.trainer.get("accumulate", 1), int(cfg.trainer.batch_size)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        return (f"trainer.accumulate={n!r} must be a whole number >= 1 (micro-batches per optimiser step; 1: each "
+                "batch is one forward pass)")
+    if batch % n == 0:
+        return None
+    near = sorted(sorted((d for d in range(1, batch + 1) if batch % d == 0), key=lambda d: (abs(d - n), d))[:2])
+    sizes = [b for b in ((batch // n) * n, (batch // n + 1) * n) if b > 0]
+    return (f"trainer.accumulate={n} must be a whole number >= 1 that divides trainer.batch_size={batch} (the batch "
+            "of one optimiser step per process; each forward pass takes batch_size / accumulate samples): use "
+            f"trainer.accumulate={' or '.join(map(str, near))}, or trainer.batch_size={' or '.join(map(str, sizes))}")
+
+
 def _final_eval_problem(cfg: DictConfig) -> str | None:
     split = cfg.trainer.get("final_eval")
+    if data_sets(cfg) is not None and split:
+        return (f"trainer.final_eval={split!r}: data=mix is scored one dataset at a time, each with its own protocol; "
+                "set trainer.final_eval=null and run eval.py ckpt=<run>/checkpoints/best.pt data=<set> root=<its "
+                "folder> per set")
     if split is None or split is False or split in DATA_SPLITS:
         return None
     return (f"trainer.final_eval={split!r} is not a data split; use trainer.final_eval=test (score best.pt on the "
@@ -101,7 +119,8 @@ def _final_eval_problem(cfg: DictConfig) -> str | None:
 
 def check_config(cfg: DictConfig) -> None:
     """Raise one ConfigError listing every problem found, each naming its key, value and fix."""
-    checks = (_monitor_problem, _img_size_problem, _context_problem, _nonfinite_problem, _final_eval_problem)
+    checks = (_monitor_problem, _img_size_problem, _context_problem, _nonfinite_problem, _accumulate_problem,
+              _final_eval_problem)
     problems = [p for check in checks if (p := check(cfg)) is not None]
     if problems:
         raise ConfigError("the config cannot train:\n  " + "\n  ".join(problems))

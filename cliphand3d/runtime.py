@@ -4,10 +4,14 @@ Shared by training, evaluation and the apps, so each decides these things the sa
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import random
 import shutil
+import signal
+import sys
+import threading
 from contextlib import nullcontext
 
 import cv2
@@ -67,25 +71,71 @@ def lower_priority(nice: int, worker_id: int) -> None:
     os.nice(nice)
 
 
-class WorkerLoader(DataLoader):
-    """A DataLoader whose workers start with OpenCV on `cv2_threads` threads. The count is set in this process
-    for the moment the workers are forked, then put back: a forked worker must not change it itself (after
-    this process has used OpenCV's thread pool, setNumThreads in the child waits forever on the pool's lock),
-    and it keeps what it was forked with."""
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
-    def __init__(self, *args, cv2_threads: int = 1, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.cv2_threads = int(cv2_threads)
+
+def die_with_parent(parent: int) -> None:
+    """Linux: the kernel sends this process SIGKILL when the thread that started it ends. A SIGKILLed training
+    process cannot stop its loader workers itself, and torch's workers only look for their parent between
+    items: one busy with an item, or stopped (the benchmark stops a run's workers between its turns), would
+    otherwise live on. `parent`: the pid that started it; gone already, this process ends here."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # refused (a sandbox): the workers live as torch lets them
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(0)
+
+
+def start_worker(parent: int | None, started, init, worker_id: int) -> None:
+    """A loader worker's first act (WorkerLoader): die with its parent, say so, then the caller's init."""
+    if parent is not None:
+        die_with_parent(parent)
+    if started is not None:
+        started.release()
+    if init is not None:
+        init(worker_id)
+
+
+class WorkerLoader(DataLoader):
+    """A DataLoader whose workers start with OpenCV on `cv2_threads` threads and die with the process that
+    started them (Linux). The OpenCV count is set in this process for the moment the workers are forked, then put
+    back: a forked worker must not change it itself (after this process has used OpenCV's thread pool,
+    setNumThreads in the child waits forever on the pool's lock), and it keeps what it was forked with.
+
+    Starting the workers (iter()) returns once each has armed its death signal, so a caller that then stops
+    them (SIGSTOP) cannot leave one behind that never armed it."""
+
+    def __init__(self, *args, cv2_threads: int = 1, worker_init_fn=None, **kwargs):
+        super().__init__(*args, worker_init_fn=worker_init_fn, **kwargs)
+        self.cv2_threads, self.user_init = int(cv2_threads), worker_init_fn
 
     def _get_iterator(self):
         if self.num_workers == 0:
             return super()._get_iterator()
+        context = self.multiprocessing_context or torch.multiprocessing
+        # the death signal follows the forking thread (so only the main thread arms it), and a forkserver's
+        # workers are the server's children, not ours
+        parent = (os.getpid() if sys.platform.startswith("linux") and context.get_start_method() in ("fork", "spawn")
+                  and threading.current_thread() is threading.main_thread() else None)
+        started = context.Semaphore(0) if parent is not None else None
+        self.worker_init_fn = functools.partial(start_worker, parent, started, self.user_init)
         before = cv2.getNumThreads()
         cv2.setNumThreads(self.cv2_threads)
         try:
-            return super()._get_iterator()  # forks the workers
+            batches = super()._get_iterator()  # forks the workers
         finally:
             cv2.setNumThreads(before)
+        if started is not None:
+            _wait_started(started, getattr(batches, "_workers", []))
+        return batches
+
+
+def _wait_started(started, workers: list) -> None:
+    """Until every worker has released `started` once, or one has died (the loader then reports why)."""
+    for _ in workers:
+        while not started.acquire(timeout=0.1):
+            if not all(w.is_alive() for w in workers):
+                return
 
 
 def make_loader(dataset, *, batch_size: int, num_workers: int, sampler=None, shuffle=False, drop_last=False,

@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .geometry import trapezoid
 from .skeleton import BONES, FINGER_CHAINS, FINGERS, NUM_JOINTS
 
 # RGB, one colour per finger so that swapped fingers or a reversed order stand out at a glance.
@@ -159,7 +160,7 @@ def pck_figure(curves: dict, title: str = "PCK"):
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
     for label, (t, p) in curves.items():
         t, p = np.asarray(t, dtype=np.float64), np.asarray(p, dtype=np.float64)
-        area = np.trapezoid(p, t) / (t[-1] - t[0]) if len(t) > 1 else float("nan")
+        area = trapezoid(p, t) / (t[-1] - t[0]) if len(t) > 1 else float("nan")
         ax.plot(t, p, label=f"{label} (AUC {area:.3f})")
     ax.set_xlabel("threshold (mm)")
     ax.set_ylabel("fraction of keypoints")

@@ -23,6 +23,14 @@ def check_nonfinite_limit(max_nonfinite_steps) -> int:
     return int(max_nonfinite_steps)
 
 
+def check_accumulate(accumulate) -> int:
+    """trainer.accumulate as the loop takes it (preflight.check_config has checked it against batch_size)."""
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+        raise ConfigError(f"trainer.accumulate={accumulate!r} must be a whole number >= 1 (micro-batches per "
+                          "optimiser step; 1: each batch is one forward pass)")
+    return accumulate
+
+
 def read_step(loss: torch.Tensor, grad_norm: torch.Tensor, terms: dict, with_values: bool):
     """The step's one host read: (loss non-finite, gradients non-finite, values or None).
 

@@ -67,7 +67,8 @@ def find_resume_checkpoint(run_dir: str | os.PathLike, resume: Any) -> Path | No
 # keys added later included: optim.* (lr_scaling too), seed, and trainer.batch_size (the position counts
 # batches), epochs / max_steps / schedule_batch (the warm-up + cosine schedule spans the total, counted in
 # schedule batches, so a new total changes the learning rate from the resume on), amp, grad_clip, ema_decay,
-# monitor (best_metric holds its values). val_batch_size may change: validation shares are whole val batches,
+# accumulate (BatchNorm statistics and the contrastive negatives are a micro-batch's), monitor (best_metric holds
+# its values). val_batch_size may change: validation shares are whole val batches,
 # and the metrics are those of one process whatever the batch (train/run.py, evaluation/sharding.py).
 RESUME_MAY_CHANGE = (
     "name", "run_dir", "resume",                      # where the run lives, how it was started
