@@ -1,4 +1,5 @@
-"""Run a checkpoint on images, a folder or a video: `python scripts/demo.py ckpt=PATH input=PATH out=DIR`.
+"""Run a checkpoint on images, a folder, a video, a camera (input=0) or a stream URL:
+`python scripts/demo.py ckpt=PATH input=PATH out=DIR`.
 
 Writes skeleton pictures, 3D views and a JSON per input (configs/demo.yaml, cliphand3d/apps/demo/). A broken
 input is reported and skipped; the exit status is 1 when any failed.

@@ -46,6 +46,8 @@ LAZY_OK = {
     "torch.utils.tensorboard": "slow to import; TensorBoard logging is optional (logger.tensorboard)",
     "onnx": "the onnx extra", "onnxruntime": "the onnx extra", "onnxscript": "the onnx extra",
     "submitit": "the sweep extra",
+    "av": "the video extra (the demo's H.264 output)",
+    "wandb": "the wandb extra (logger=wandb)",
     "resource": "POSIX only, read where /proc is missing",
 }
 MAX_MODULE_LINES = 400

@@ -9,7 +9,12 @@ the crop's intrinsics and a root depth and size recovered from an assumed hand s
 joints are in the original image's camera frame. Left hands are mirrored in (geometry.mirror_lr: the
 model knows right hands only) and their prediction mirrored back out.
 
-inputs.py: the options and reading images, folders and videos; hand.py: one hand through the model;
-outputs.py: the JSON, pictures and video written; labels.py: the optional 2D error against keypoint labels;
-run.py: the run over every input (run_demo).
+A video file, a camera (input=0) and a stream URL are read frame by frame through one loop (run.py's
+process_video), which measures the frames per second, may smooth the joints across frames (One-Euro) and
+stops at the input's end, max_frames or Ctrl-C with what was done written.
+
+inputs.py: the options and reading images, folders, videos, cameras and streams; hand.py: one hand through
+the model; outputs.py: the JSON (a video's written as its frames come) and pictures; video.py: the annotated
+video (H.264 through PyAV, else OpenCV); smoothing.py: the One-Euro filter; labels.py: the optional 2D error
+against keypoint labels; run.py: the run over every input (run_demo).
 """

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import cv2
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ...errors import ConfigError, InputError
 
@@ -77,6 +79,17 @@ class Settings:
     K: tuple | None
     focal_rel: float
     codec: str
+    max_frames: int | None = None  # a video, camera or stream stops after this many frames; None: at its end
+    smoothing: dict | None = None  # the One-Euro filter's options (smoothing.make_smoother); None: off
+
+
+def check_max_frames(value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not str(value).isdigit() or int(value) < 1:
+        raise ConfigError(f"max_frames={value!r}: expected a whole number of frames >= 1, or null (a video to its "
+                          "end, a camera or stream until Ctrl-C)")
+    return int(value)
 
 
 def settings(cfg: DictConfig) -> Settings:
@@ -86,8 +99,12 @@ def settings(cfg: DictConfig) -> Settings:
     if float(cfg.box_scale) <= 0 or float(cfg.focal_rel) <= 0 or float(cfg.hand_scale) <= 0:
         raise ConfigError("box_scale, focal_rel and hand_scale must be > 0 "
                          f"(got {cfg.box_scale}, {cfg.focal_rel}, {cfg.hand_scale})")
+    smoothing = cfg.get("smoothing")
+    smoothing = OmegaConf.to_container(smoothing) if isinstance(smoothing, DictConfig) else smoothing
+    # configs without the newer keys mean what they meant before: mp4v, whole videos, no smoothing
     return Settings(hand, float(cfg.box_scale), int(cfg.min_side), parse_numbers(cfg.K, "K", 4),
-                    float(cfg.focal_rel), str(cfg.video_codec))
+                    float(cfg.focal_rel), str(cfg.get("video_codec", "mp4v")),
+                    check_max_frames(cfg.get("max_frames")), smoothing)
 
 
 # ----------------------------------------------------------------------------- reading images
@@ -150,26 +167,95 @@ def output_stems(files: list[Path]) -> dict[Path, str]:
     return {p: p.stem if stems.count(p.stem) == 1 else p.name.replace(".", "_") for p in files}
 
 
-def video_frames(path: Path) -> Iterator[np.ndarray]:
-    cap = cv2.VideoCapture(str(path))
+# ----------------------------------------------------------------------------- sources: files, cameras, streams
+@dataclass(frozen=True)
+class Source:
+    """One input: an image or video file, or a live camera index / stream URL (read as a video is)."""
+
+    target: Path | int | str  # what cv2.VideoCapture (or read_image) opens
+    name: str  # what reports, the JSON and boxes= call it: the file's name, the camera index, the URL
+    stem: str  # the outputs' file names
+    live: bool = False
+
+    @property
+    def is_video(self) -> bool:
+        return self.live or Path(self.target).suffix.lower() in VIDEO_SUFFIXES
+
+
+def live_target(value) -> int | str | None:
+    """input= as a camera index (0, "1") or a stream URL (rtsp://, http(s)://, file://, ...); None: a path. An
+    existing file or folder of that name wins."""
+    text = str(value).strip()
+    if Path(text).expanduser().exists():
+        return None
+    if isinstance(value, int) or text.isdigit():
+        return int(text)
+    return text if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text) else None
+
+
+def shown_url(url: str) -> str:
+    """A URL as reports and the JSON show it: a password in it is masked."""
+    return re.sub(r"^([^:/]+://[^:/@]+):[^@/]*@", r"\1:***@", url)
+
+
+def list_sources(value) -> list[Source]:
+    """input= -> its sources: one camera or stream, or every image and video of a file or folder."""
+    target = live_target(value)
+    if isinstance(target, int):
+        return [Source(target, f"camera {target}", f"camera{target}", live=True)]
+    if target is not None:
+        parts = urlsplit(target)
+        stem = Path(parts.path).stem or parts.hostname or "stream"
+        return [Source(target, shown_url(target), re.sub(r"[^\w.-]+", "_", stem), live=True)]
+    files = list_inputs(value)
+    stems = output_stems(files)
+    return [Source(p, p.name, stems[p]) for p in files]
+
+
+def open_capture(src: Source) -> cv2.VideoCapture:
+    """cv2.VideoCapture on a video file, camera or stream, opened. A camera or stream that will not open is a
+    mistake in input= (ConfigError, before the model loads); a video file that will not, a bad input."""
+    cap = cv2.VideoCapture(src.target if src.live else str(src.target))
+    if cap.isOpened():
+        return cap
+    cap.release()
+    if isinstance(src.target, int):
+        raise ConfigError(f"input={src.target}: OpenCV cannot open camera {src.target} (no such device, in use by "
+                          "another program, or no permission). fix: pass the index of a connected camera (Linux: "
+                          "ls /dev/video*, the first is input=0), close other programs using it, or pass a video "
+                          "file or stream URL")
+    if src.live:
+        raise ConfigError(f"input={src.name}: OpenCV cannot open this stream (unreachable, wrong address or "
+                          "credentials, or a protocol its FFmpeg lacks). fix: check that the URL plays in VLC or "
+                          "ffplay on this machine, quote a URL holding ? or & (input='\"rtsp://...\"'), or pass a "
+                          "video file")
+    raise InputError(f"{src.target}: OpenCV cannot open this video (corrupt or an unsupported codec)")
+
+
+def capture_frames(cap: cv2.VideoCapture, where: str) -> Iterator[np.ndarray]:
+    """Every frame of an opened capture as uint8 RGB, until it ends; the one frame iterator of video files,
+    cameras and streams. The capture is released when the iteration ends, fails or is abandoned."""
     try:
-        if not cap.isOpened():
-            raise InputError(f"{path}: OpenCV cannot open this video (corrupt or an unsupported codec)")
         n = 0
         while True:
             ok, frame = cap.read()
             if not ok:
                 break
             n += 1
-            yield to_rgb8(frame, f"{path} frame {n - 1}")
+            yield to_rgb8(frame, f"{where} frame {n - 1}")
         if n == 0:
-            raise InputError(f"{path}: no frame could be read (corrupt or an unsupported codec)")
+            raise InputError(f"{where}: no frame could be read (corrupt or an unsupported codec)")
     finally:
         cap.release()
 
 
-def video_fps(path: Path) -> float:
-    cap = cv2.VideoCapture(str(path))
-    fps = cap.get(cv2.CAP_PROP_FPS) if cap.isOpened() else 0.0
-    cap.release()
-    return float(fps) if fps and np.isfinite(fps) and fps > 0 else 25.0  # 25: when the container does not say
+def video_frames(path: Path) -> Iterator[np.ndarray]:
+    """Every frame of a video file as uint8 RGB."""
+    src = Source(Path(path), Path(path).name, Path(path).stem)
+    yield from capture_frames(open_capture(src), str(path))
+
+
+def capture_fps(cap: cv2.VideoCapture) -> float:
+    """The frame rate a capture reports, 25 when it does not say (many cameras and streams, some containers)."""
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    return float(fps) if fps and np.isfinite(fps) and 0 < fps <= 1000 else 25.0

@@ -1,6 +1,8 @@
-"""What the demo writes: the JSON entries, the skeleton picture and 3D view, and the annotated video's writer."""
+"""What the demo writes: the JSON entries (a video's written frame by frame), the skeleton picture and 3D view.
+The annotated video's writer: video.py."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import cv2
@@ -58,12 +60,24 @@ def save_views(stem: str, out: Path, image: np.ndarray, res: dict) -> list[Path]
     return paths
 
 
-def open_writer(path_stem: Path, fps: float, size: tuple[int, int], codec: str):
-    """cv2.VideoWriter with `codec` (mp4v -> .mp4, MJPG -> .avi), MJPG if that one will not open."""
-    for cc in dict.fromkeys((codec, "MJPG")):
-        path = path_stem.with_suffix(".avi" if cc == "MJPG" else ".mp4")
-        w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*cc), fps, size)
-        if w.isOpened():
-            return w, path
-        w.release()
-    raise OSError(f"cannot open a video writer for {path_stem} (codecs {codec}, MJPG)")
+class FrameLog:
+    """A video's JSON, written as its frames come so that memory holds one frame however long a camera runs:
+    the header's entries, "frames": [...] (each frame flushed to disk), then the closing entries (close()).
+    A run killed outright, not stopped with Ctrl-C, leaves the file without its closing "]}"."""
+
+    def __init__(self, path: Path, head: dict):
+        self.path, self.count = path, 0
+        self.file = open(path, "w", encoding="utf-8")
+        body = json.dumps(head)[1:-1]
+        self.file.write("{" + body + (", " if body else "") + '"frames": [')
+
+    def add(self, record: dict) -> None:
+        self.file.write(("," if self.count else "") + "\n" + json.dumps(record))
+        self.file.flush()
+        self.count += 1
+
+    def close(self, **tail) -> None:
+        if self.file.closed:
+            return
+        self.file.write("\n]" + "".join(f", {json.dumps(k)}: {json.dumps(v)}" for k, v in tail.items()) + "}\n")
+        self.file.close()
