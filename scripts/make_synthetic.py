@@ -14,7 +14,8 @@ from cliphand3d.data import writers
 def main(cfg: DictConfig) -> None:
     if cfg.format == "freihand":
         out = writers.write_freihand(cfg.out, num_train=cfg.num_train, num_eval=cfg.num_eval, seed=cfg.seed,
-                                     versions=cfg.versions, img_size=cfg.img_size, view=cfg.view)
+                                     versions=cfg.versions, img_size=cfg.img_size, view=cfg.view,
+                                     framing=cfg.framing)
     elif cfg.format == "rhd":
         out = writers.write_rhd(cfg.out, num_train=cfg.num_train, num_eval=cfg.num_eval, seed=cfg.seed)
     else:

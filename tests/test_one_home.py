@@ -38,7 +38,7 @@ CONCERNS = {
     "scoring predictions": (
         ["evaluation/scoring.py"], ["call:metrics.retrieval_top1", "call:metrics.retrieval_by_batch"]),
     "drawing predictions": (["evaluation/figures.py"], ["name:draw_pred_vs_gt", "name:protocol_pck_curve"]),
-    "TensorBoard": (["train/logger.py"], ["name:SummaryWriter"]),
+    "the loggers": (["train/logger.py"], ["name:SummaryWriter"]),
     "reading images": (["data/base.py", "apps/demo/inputs.py"], ["name:imdecode"]),
     "how scripts print user errors": (["apps/cli.py"], ["name:MissingMandatoryValue"]),
     "ONNX export": (["apps/export.py"], ["name:InferenceSession"]),

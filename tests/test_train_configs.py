@@ -53,7 +53,7 @@ def test_every_experiment_composes_and_resolves():
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_trains_a_few_steps(name, tmp_path, freihand_root, rhd_root):
     extra = []
-    if name == "freihand":
+    if name in ("freihand", "proxy_framing"):  # proxy_framing: FreiHAND-format synthetic hands
         extra = [f"data.root={freihand_root}", "data.versions=[0,1]"]
     elif name == "rhd":
         extra = [f"data.root={rhd_root}"]

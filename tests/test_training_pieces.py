@@ -202,3 +202,20 @@ def test_a_constructor_keyword_absent_from_an_older_run_means_its_default():
         "data.augment.rot_prob: saved 0.6, now 0.5", "data.train.augment.rot_prob: saved 0.6, now 0.5"]
     del older["trainer"]["grad_clip"]
     assert check(cfg) == [f"trainer.grad_clip: saved '<absent>', now {cfg['trainer']['grad_clip']!r}"]
+
+
+def test_a_loss_weight_absent_from_an_older_run_weighed_nothing():
+    """Runs saved before loss.weights.edge / normal existed resume under a config that adds them at 0; a nonzero
+    weight is reported as a change from 0 (loss.weights.edge=0 resumes), and a per-axis clip weight added later
+    is compared with the `clip` weight that covered it."""
+    from cliphand3d.train.resume import resume_mismatches
+
+    older = _composed("model=cliphand3d")
+    saved = {"config": older, "train_state": {"step": 7, "batch_in_epoch": 7, "world_size": 1, "batch_size": 32}}
+    check = lambda c: resume_mismatches(saved, c, world_size=1, batch_size=32)  # noqa: E731
+    assert check(_composed("model=cliphand3d", "+loss.weights.edge=0.0", "+loss.weights.normal=0")) == []
+    assert check(_composed("model=cliphand3d", "+loss.weights.edge=1.0")) == ["loss.weights.edge: saved 0.0, now 1.0"]
+    clip = older["loss"]["weights"]["clip"]
+    assert check(_composed("model=cliphand3d", f"+loss.weights.clip_x={clip}")) == []
+    assert check(_composed("model=cliphand3d", f"+loss.weights.clip_x={clip * 2}")) == [
+        f"loss.weights.clip_x: saved {clip!r}, now {clip * 2!r}"]

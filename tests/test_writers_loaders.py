@@ -20,7 +20,7 @@ from cliphand3d.data.prompts import PromptGenerator
 from cliphand3d.data.render import render
 from cliphand3d.data.rhd import RHD, decode_depth, read_depth
 from cliphand3d.data.sample import check_item
-from cliphand3d.data.synthetic import EVAL_SEED_OFFSET, sample_hand
+from cliphand3d.data.synthetic import EVAL_SEED_OFFSET, frame_like_freihand, sample_hand
 from cliphand3d.data.transforms import CropAugment, denormalize_image
 from cliphand3d.data.writers import encode_depth, write_freihand, write_rhd
 from cliphand3d.geometry import crop_affine, mirror_lr, project
@@ -336,11 +336,13 @@ def test_make_synthetic_freihand_with_the_upright_view(tmp_path):
                           "view=upright"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     xyz = np.array(json.loads((out / "training_xyz.json").read_text()))
+    # framed as the release (make_synthetic.yaml framing=freihand): the drawn hand, moved
     for i in range(2):
-        np.testing.assert_allclose(xyz[i], sample_hand(5, i, img_size=64, view="upright").xyz, atol=1e-6)
+        np.testing.assert_allclose(xyz[i], frame_like_freihand(sample_hand(5, i, img_size=64, view="upright")).xyz,
+                                   atol=1e-6)
     ev = np.array(json.loads((out / "evaluation_xyz.json").read_text()))
-    np.testing.assert_allclose(ev[0], sample_hand(5 + EVAL_SEED_OFFSET, 0, img_size=64, view="upright").xyz,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        ev[0], frame_like_freihand(sample_hand(5 + EVAL_SEED_OFFSET, 0, img_size=64, view="upright")).xyz, atol=1e-6)
     assert not np.allclose(xyz[0], sample_hand(5, 0, img_size=64).xyz, atol=1e-3)  # not the uniform draw
     with pytest.raises(ValueError, match="view='sideways'"):
         write_freihand(tmp_path / "never", num_train=1, num_eval=0, seed=0, view="sideways")

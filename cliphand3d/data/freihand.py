@@ -24,14 +24,17 @@ from .base import (HandDataset, check_lengths, holdout_split, image_size, load_j
                    split_name, spread)
 from .label_cache import cached_arrays, picklable, unpickled
 from .sample import RawSample
-from .transforms import EVAL_CROP, CropAugment, box_from_mask, image_tensor
+from .transforms import EVAL_CROP, CropAugment, box_from_mask, crop_box, crop_frame, image_tensor
 
 RELEASE_UNIQUE_TRAIN = 32560  # the release's unique training hands; for messages only
 NUM_VERSIONS = 4
 PAGE_URL = "https://lmb.informatik.uni-freiburg.de/resources/datasets/FreihandDataset.en.html"
 TRAIN_ZIP_URL = "https://lmb.informatik.uni-freiburg.de/data/freihand/FreiHAND_pub_v2.zip"
 EVAL_ZIP_URL = "https://lmb.informatik.uni-freiburg.de/data/freihand/FreiHAND_pub_v2_eval.zip"
-CROPS = ("mask", "joints", "full")
+CROPS = ("mask", "joints", "full", "centre")
+# crop="centre": MobRecon's test crop, a fixed 130 px box in the middle of the 224 px image (SeanChenxy/HandMesh
+# mobrecon/datasets/freihand.py get_eval_sample: a 100 px centre box x BASE_SCALE 1.3)
+CENTRE_FRACTION = 130 / 224
 SPLITS = {"train": "training", "eval": "evaluation"}  # on-disk splits -> folder; "val" reads training/ too
 
 
@@ -87,6 +90,12 @@ def full_box(width: int, height: int) -> tuple[float, float, float]:
     return (width - 1) / 2.0, (height - 1) / 2.0, float(max(width, height))
 
 
+def centre_box(width: int, height: int, fraction: float) -> tuple[float, float, float]:
+    """The square box in the middle of the image whose side is `fraction` of the image's longer side."""
+    cx, cy, side = full_box(width, height)
+    return cx, cy, side * float(fraction)
+
+
 class FreiHAND(HandDataset):
     """FreiHAND v2 as hand items (docs/conventions.md).
 
@@ -98,8 +107,10 @@ class FreiHAND(HandDataset):
         dataset is version-major: index = position in `versions` * len(ids) + position in `ids`.
     crop: "mask" = square box around the training mask (train default here); "joints" = around the
         projected joints; "full" = the whole 224 image (val / eval default: evaluation has no masks; the
-        data config trains on it too, so training frames hands as the test crops do). With crop="full"
-        and no augment, the crop is exactly the image (scale 1.0, not the usual 1.3).
+        data config trains on it too, so training frames hands as the test crops do); "centre" = the square
+        of `centre_fraction` of the image in its middle (needs no labels, as "full"; MobRecon's test crop).
+        With crop="full" or "centre" and no augment, the crop is exactly that box (scale 1.0, not 1.3).
+    centre_fraction: crop="centre"'s side over the image side (default 130/224, MobRecon's).
     skip_bad: an unreadable image (truncated, corrupt, missing) is replaced by the next readable item and
         counted (`HandDataset._first_readable`) instead of stopping with an error naming the file.
     require_gt: eval only. True: evaluation_xyz.json and evaluation_verts.json must exist. False: they
@@ -116,18 +127,22 @@ class FreiHAND(HandDataset):
     def __init__(self, root: str | Path, split: str = "train", versions: Sequence[int] = (0,), img_size: int = 256,
                  augment: CropAugment | None = None, prompts=None, seed: int = 0, crop: str | None = None,
                  require_gt: bool = True, val_fraction: float = 0.03, holdout_seed: int = 0, skip_bad: bool = False,
-                 cache_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = None, centre_fraction: float = CENTRE_FRACTION):
         split = split_name(split, ("train", "val", "eval"), "FreiHAND")
         crop = crop or ("mask" if split == "train" else "full")
         if crop not in CROPS:
             raise DatasetError(f"FreiHAND crop {crop!r} is not one of {list(CROPS)} (data.*.crop)")
         if split == "eval" and crop == "mask":
-            raise DatasetError("FreiHAND evaluation has no masks: use crop='full' or crop='joints' (data.test.crop)")
-        if crop == "full" and augment is None:
+            raise DatasetError("FreiHAND evaluation has no masks: use crop='full', 'centre' or 'joints' "
+                               "(data.test.crop)")
+        if not 0.0 < float(centre_fraction) <= 1.0:
+            raise DatasetError(f"FreiHAND centre_fraction={centre_fraction} must be in (0, 1]: the centre crop's side "
+                               "over the image side (data.<split>.centre_fraction; 0.58 = MobRecon's 130 of 224 px)")
+        if crop in ("full", "centre") and augment is None:
             augment = CropAugment(train=False, scale=1.0)
         super().__init__(img_size=img_size, augment=augment, prompts=prompts, seed=seed, skip_bad=skip_bad)
         self.root = require_dir(root, "FreiHAND root", download_fix(root))
-        self.split, self.crop = split, crop
+        self.split, self.crop, self.centre_fraction = split, crop, float(centre_fraction)
         name = SPLITS["eval" if split == "eval" else "train"]
         fix = download_fix(self.root)
         self.image_dir = require_dir(self.root / name / "rgb", "FreiHAND images", fix)
@@ -214,6 +229,8 @@ class FreiHAND(HandDataset):
     def _box(self, index: int, image_hw: tuple[int, int], xyz: np.ndarray | None, K: np.ndarray):
         if self.crop == "full":
             return full_box(image_hw[1], image_hw[0])
+        if self.crop == "centre":
+            return centre_box(image_hw[1], image_hw[0], self.centre_fraction)
         if self.crop == "joints":
             return square_box(project(xyz, K), scale=1.0)
         mask = self.read_mask(index)
@@ -234,13 +251,13 @@ class FreiHAND(HandDataset):
 
     def label_sample(self, index: int) -> RawSample:
         """`load_raw` without decoding the RGB image: the crop box comes from the labels (crop="joints"),
-        the file header's size (crop="full") or the training mask, itself a label file (crop="mask")."""
+        the file header's size (crop="full" / "centre") or the training mask, itself a label file (crop="mask")."""
         if not self.has_labels:
             raise DatasetError(f"FreiHAND {self.split} has no labels here.\n  fix: {eval_gt_fix(self.root)}")
         uid, _ = self.locate(index)
         path = self.image_path(index)
         K, xyz = np.array(self.K[uid]), np.array(self.xyz[uid])
-        hw = image_size(path) if self.crop == "full" else None
+        hw = image_size(path) if self.crop in ("full", "centre") else None
         return RawSample(image=None, K=K, xyz=xyz, box=self._box(index, hw, xyz, K), file=str(path),
                          verts=np.array(self.verts[uid], dtype=np.float64), extra={"unique_id": uid})
 
@@ -253,12 +270,25 @@ class FreiHAND(HandDataset):
         index = key[1] if isinstance(key, tuple) else key
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for FreiHAND of length {len(self)}")
+        return self._unlabeled_item(index)
+
+    def reframed_item(self, index: int, reframe, augment) -> dict:
+        if self.has_labels:
+            return super().reframed_item(index, reframe, augment)
+        return self._unlabeled_item(index, reframe, augment)
+
+    def _unlabeled_item(self, index: int, reframe=None, augment: CropAugment | None = None) -> dict:
+        """An evaluation item without labels; with `reframe`, cropped by `augment` about the box it gives
+        (`HandDataset.reframed_item`)."""
         path = self.image_path(index)
         image = read_image(path)
         aug = self.augment if self.augment is not None else EVAL_CROP
-        p = aug.sample(None)  # unlabeled items are for inference: always the deterministic crop
-        cx, cy, side = self._box(index, image.shape[:2], None, self.K[index])
-        crop, K, _ = crop_and_rotate(image, self.K[index], (cx, cy), side * p["scale"], self.img_size)
+        box = self._box(index, image.shape[:2], None, self.K[index])
+        if reframe is not None:
+            box, aug = reframe(crop_frame(box, aug, None)), augment
+        # unlabeled items are for inference: always the deterministic crop
+        center, side = crop_box(box, aug.sample(None))
+        crop, K, _ = crop_and_rotate(image, self.K[index], center, side, self.img_size)
         return {"image": image_tensor(crop), "K": torch.as_tensor(K, dtype=torch.float32),
                 "scale": torch.tensor(float(self.scale[index]), dtype=torch.float32),
                 "meta": {"index": int(index), "file": str(path)}}

@@ -34,6 +34,7 @@ BACKGROUND, PERSON = 0, 1
 LEFT_IDS = (2, 17)  # inclusive ranges of mask class ids
 RIGHT_IDS = (18, 33)
 DEPTH_MAX_M = 5.0  # the 16-bit depth code spans 0..5 m
+CROPS = ("mask", "joints")  # the box around the hand's mask pixels, or around all 21 projected joints
 
 
 def download_fix(root: str | Path) -> str:
@@ -129,9 +130,11 @@ def read_annotations(root: Path, path: Path, fix: str,
 class RHD(HandDataset):
     """RHD as hand items (docs/conventions.md): right hands in MPII order, `visible` flags kept.
 
-    The crop box surrounds the chosen hand's mask pixels; a sample whose hand has no mask pixels
-    falls back to the box around its projected joints. `load_raw(i).extra` records the original
-    side ('left' / 'right'), the sample id and the stored 2D keypoints (mirrored with the hand).
+    crop: "mask" (default) = the box around the chosen hand's mask pixels (a sample whose hand has no mask
+    pixels falls back to its joints' box); "joints" = the box around all 21 projected joints, occluded ones
+    included: the visible mask can leave out a hidden fingertip, which a crop about it may cut off.
+    `load_raw(i).extra` records the original side ('left' / 'right'), the sample id and the stored 2D
+    keypoints (mirrored with the hand).
 
     split: "train" / "val" partition training/ by sample id (`base.holdout_split` with val_fraction and
     holdout_seed; fraction 0 trains on every id), "eval" is evaluation/ (the test set); the folder
@@ -146,11 +149,14 @@ class RHD(HandDataset):
 
     def __init__(self, root: str | Path, split: str = "train", img_size: int = 256,
                  augment: CropAugment | None = None, prompts=None, seed: int = 0, val_fraction: float = 0.03,
-                 holdout_seed: int = 0, skip_bad: bool = False, cache_dir: str | Path | None = None):
+                 holdout_seed: int = 0, skip_bad: bool = False, cache_dir: str | Path | None = None,
+                 crop: str = "mask"):
         split = split_name(split, ("train", "val", "eval"), "RHD")
+        if crop not in CROPS:
+            raise DatasetError(f"RHD crop {crop!r} is not one of {list(CROPS)} (data.*.crop)")
         super().__init__(img_size=img_size, augment=augment, prompts=prompts, seed=seed, skip_bad=skip_bad)
         self.root = require_dir(root, "RHD root", download_fix(root))
-        self.split = split
+        self.split, self.crop = split, crop
         name = SPLITS["eval" if split == "eval" else "train"]
         fix = download_fix(self.root)
         self.folder = require_dir(self.root / name, f"RHD {name} folder", fix)
@@ -223,7 +229,7 @@ class RHD(HandDataset):
         xyz = rhd_to_mpii(np.array(self.xyz[row, slots]))
         uv_vis = rhd_to_mpii(np.array(self.uv_vis[row, slots]))
         K, uv, own = np.array(self.K[row]), uv_vis[:, :2].copy(), hand_mask(mask, side)
-        box = box_from_mask(own) if own.any() else None
+        box = box_from_mask(own) if self.crop == "mask" and own.any() else None
         if side == "left":
             width = mask.shape[1]
             image, xyz, K = mirror_lr(image, xyz, K, width)

@@ -9,6 +9,7 @@ How a hand is drawn (capsules, palm, backgrounds): render.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -171,6 +172,30 @@ def sample_hand(seed: int, index: int, *, num_verts: int = 778, img_size: int = 
         light=light, ambient=float(rng.uniform(0.35, 0.6)), diffuse=float(rng.uniform(0.45, 0.75)),
         blur=blur, blur_sigma=float(rng.uniform(0.5, 1.4)),
     )
+
+
+# How `frame_like_freihand` places a hand: FreiHAND's images are crops centred on the hand, its joints' box
+# spanning 0.38 of the 224 px side (measured on ../shared/real_samples/freihand: 84.9 and 85.1 px, 0.379 and
+# 0.380, box centres 3-6 px from the image centre; tests/test_framing.py measures it again)
+FREIHAND_JOINT_FILL = 0.38
+
+
+def frame_like_freihand(hand: HandSample, fill: float = FREIHAND_JOINT_FILL, steps: int = 8) -> HandSample:
+    """`hand` moved (translated, not turned; same camera) so that its projected joints' box is centred in the
+    image and its longer side is `fill` of the image side: along the ray to scale it, then sideways to centre
+    it, a few fixed-point steps because perspective couples the two."""
+    S, K = hand.img_size, hand.K
+    target = fill * S
+    centre = np.array([(S - 1) / 2.0, (S - 1) / 2.0])
+    t = np.zeros(3)
+    for _ in range(steps):
+        ref = hand.xyz.mean(0) + t
+        lo, hi = _bounds(hand.xyz + t, K)
+        t += ref * ((hi - lo).max() / target) - ref  # about the camera centre: the hand's pixels keep their centre
+        lo, hi = _bounds(hand.xyz + t, K)
+        t[:2] += (centre - (lo + hi) / 2) * (hand.xyz[:, 2].mean() + t[2]) / np.array([K[0, 0], K[1, 1]])
+    return dataclasses.replace(hand, xyz=hand.xyz + t, verts=hand.verts + t, cap_start=hand.cap_start + t,
+                               cap_end=hand.cap_end + t, palm=hand.palm + t)
 
 
 def render_hand(seed: int, index: int, *, img_size: int = 224, num_verts: int = 778, background: int = 0) -> dict:

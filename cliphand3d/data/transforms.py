@@ -2,7 +2,9 @@
 
 Image and labels go through one affine map (`geometry.crop_and_rotate`), so they cannot drift apart.
 Defaults follow the demo repo's FreiHAND training (DESIGN 1): box scale 1.3, scale jitter +-0.2,
-rotation up to +-90 deg with p=0.6, shift jitter, no flip, optional colour jitter.
+rotation up to +-90 deg with p=0.6, shift jitter, no flip, optional colour jitter and per-channel gains.
+Every random draw comes from the item's generator (`HandDataset.rng_for`), so a crop is a function of
+(seed, epoch, index).
 """
 from __future__ import annotations
 
@@ -29,15 +31,20 @@ class CropAugment:
     rot_max_deg: float = 90.0
     rot_prob: float = 0.6
     color_jitter: float = 0.0  # +- relative brightness / contrast / saturation change (train only)
+    # each RGB channel multiplied by U(1 - n, 1 + n) (train only; SimpleHand's RandomChannelNoise); 0 = off.
+    # Drawn after everything above, and only when on, so configs without it draw exactly what they drew before
+    channel_noise: float = 0.0
 
     def sample(self, rng: np.random.Generator | None) -> dict:
         if not self.train or rng is None:
-            return {"scale": self.scale, "shift": (0.0, 0.0), "rot": 0.0, "color": None}
+            return {"scale": self.scale, "shift": (0.0, 0.0), "rot": 0.0, "color": None, "channels": None}
         scale = self.scale * (1.0 + rng.uniform(-self.scale_jitter, self.scale_jitter))
         shift = tuple(rng.uniform(-self.shift_jitter, self.shift_jitter, size=2))
         rot = math.radians(rng.uniform(-self.rot_max_deg, self.rot_max_deg)) if rng.random() < self.rot_prob else 0.0
         color = tuple(1.0 + rng.uniform(-self.color_jitter, self.color_jitter, size=3)) if self.color_jitter > 0 else None
-        return {"scale": scale, "shift": shift, "rot": rot, "color": color}
+        channels = (tuple(1.0 + rng.uniform(-self.channel_noise, self.channel_noise, size=3))
+                    if self.channel_noise > 0 else None)
+        return {"scale": scale, "shift": shift, "rot": rot, "color": color, "channels": channels}
 
 
 EVAL_CROP = CropAugment(train=False)
@@ -82,14 +89,20 @@ def denormalize_image(image: torch.Tensor) -> np.ndarray:
     return a.permute(1, 2, 0).numpy()
 
 
-def jitter_color(image: np.ndarray, factors: tuple[float, float, float]) -> np.ndarray:
-    """Brightness, contrast and saturation factors applied to a uint8 RGB image."""
-    b, c, s = factors
-    img = image.astype(np.float32) * b
-    mean = img.mean()
-    img = (img - mean) * c + mean
-    gray = img.mean(axis=2, keepdims=True)
-    img = (img - gray) * s + gray
+def jitter_color(image: np.ndarray, factors: tuple[float, float, float] | None,
+                 channels: tuple[float, float, float] | None = None) -> np.ndarray:
+    """A uint8 RGB image with per-channel gains `channels` (R, G, B), then brightness, contrast and saturation
+    `factors`; either may be None (not applied). One float pass, clipped and truncated to uint8 once."""
+    img = image.astype(np.float32)
+    if channels is not None:
+        img = img * np.asarray(channels, dtype=np.float32)
+    if factors is not None:
+        b, c, s = factors
+        img = img * b
+        mean = img.mean()
+        img = (img - mean) * c + mean
+        gray = img.mean(axis=2, keepdims=True)
+        img = (img - gray) * s + gray
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -114,6 +127,15 @@ def crop_box(box: tuple[float, float, float], params: dict) -> tuple[tuple[float
     cx, cy, side = box
     side = side * params["scale"]
     return (cx + params["shift"][0] * side, cy + params["shift"][1] * side), side
+
+
+def crop_frame(box: tuple[float, float, float], augment: CropAugment | None,
+               rng: np.random.Generator | None) -> tuple[tuple[float, float], float, float]:
+    """(centre, side, rotation) of the crop `augment` draws from `rng` about `box`: the crop `sample_crop`
+    makes from the same draw (two-pass framing maps predictions on it back to the image, data/reframe.py)."""
+    p = (augment if augment is not None else EVAL_CROP).sample(rng)
+    center, side = crop_box(box, p)
+    return center, side, p["rot"]
 
 
 def crop_labels(xyz: np.ndarray, K: np.ndarray, R: np.ndarray, img_size: int, verts: np.ndarray | None = None) -> dict:
@@ -161,8 +183,8 @@ def sample_crop(raw: RawSample, img_size: int, augment: CropAugment | None,
     p = (augment if augment is not None else EVAL_CROP).sample(rng)
     center, side = crop_box(raw.box, p)
     crop, K, R = crop_and_rotate(raw.image, raw.K, center, side, img_size, p["rot"])
-    if p["color"] is not None:
-        crop = jitter_color(crop, p["color"])
+    if p["color"] is not None or p.get("channels") is not None:
+        crop = jitter_color(crop, p["color"], p.get("channels"))
     return crop, K, R
 
 

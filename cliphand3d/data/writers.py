@@ -19,12 +19,16 @@ from ..skeleton import BONES, FINGER_CHAINS, FINGERS, NUM_JOINTS, mpii_to_rhd
 from . import rhd
 from .hand_model import SEGMENTS
 from .render import render
-from .synthetic import EVAL_SEED_OFFSET, VIEWS, sample_hand
+from .synthetic import EVAL_SEED_OFFSET, VIEWS, frame_like_freihand, sample_hand
 
 JPEG_QUALITY = 95
 MANO_PARAMS = 61  # FreiHAND's training_mano entries are 1 x 61; we have no MANO fit and write zeros
 RHD_SIZE = 320
 OTHER_HAND_STREAM = 1 << 30  # the unseen second hand of an RHD sample is drawn from its own stream
+# write_freihand's framing: "drawn" = where sample_hand puts the hand (fill 0.5-0.8 of the image, anywhere
+# inside it); "freihand" = as the release frames its hands (synthetic.frame_like_freihand: the joints' box
+# centred, 0.38 of the image side)
+FREIHAND_FRAMINGS = ("drawn", "freihand")
 
 
 # --------------------------------------------------------------------------- file helpers
@@ -62,10 +66,11 @@ def _eval_stream(seed: int) -> int:
 
 # --------------------------------------------------------------------------- FreiHAND v2
 def write_freihand(out: str | Path, num_train: int, num_eval: int, seed: int, versions: int = 4,
-                   img_size: int = 224, eval_gt: bool = True, view: str = "uniform") -> Path:
+                   img_size: int = 224, eval_gt: bool = True, view: str = "uniform", framing: str = "drawn") -> Path:
     """FreiHAND_pub_v2 layout under `out` (plus the FreiHAND_pub_v2_eval ground truth when eval_gt).
 
-    `view` is the viewpoint prior of `synthetic.sample_hand` ("upright" is FreiHAND-like).
+    `view` is the viewpoint prior of `synthetic.sample_hand` ("upright" is FreiHAND-like); `framing` where
+    the hand sits in the image (FREIHAND_FRAMINGS; "freihand" as the release, "drawn" as sample_hand draws it).
     Training: `num_train` unique hands, each rendered over `versions` backgrounds; file id =
     hand + num_train * version, as the release's hand + 32560 * version. Masks for unique ids only.
     training_mano entries are 1x61 zeros (no MANO fit exists for procedural hands).
@@ -75,13 +80,20 @@ def write_freihand(out: str | Path, num_train: int, num_eval: int, seed: int, ve
                          f"{num_train}, {num_eval}, {versions}")
     if view not in VIEWS:
         raise ValueError(f"write_freihand: view={view!r} is not one of {VIEWS}")
+    if framing not in FREIHAND_FRAMINGS:
+        raise ValueError(f"write_freihand: framing={framing!r} is not one of {FREIHAND_FRAMINGS}")
+
+    def draw(stream: int, index: int):
+        hand = sample_hand(stream, index, img_size=img_size, view=view)
+        return frame_like_freihand(hand) if framing == "freihand" else hand
+
     out = Path(out)
     rgb_dir, mask_dir, eval_dir = out / "training" / "rgb", out / "training" / "mask", out / "evaluation" / "rgb"
     for d in (rgb_dir, mask_dir, eval_dir):
         d.mkdir(parents=True, exist_ok=True)
     labels: dict[str, list] = {"K": [], "xyz": [], "verts": [], "scale": [], "mano": []}
     for i in range(num_train):
-        hand = sample_hand(int(seed), i, img_size=img_size, view=view)
+        hand = draw(int(seed), i)
         for v in range(versions):
             image, mask = render(hand, background=v)
             _write_image(rgb_dir / f"{i + num_train * v:08d}.jpg", image, jpeg=True)
@@ -93,7 +105,7 @@ def write_freihand(out: str | Path, num_train: int, num_eval: int, seed: int, ve
         _write_json(out / f"training_{key}.json", value)
     ev: dict[str, list] = {"K": [], "xyz": [], "verts": [], "scale": []}
     for j in range(num_eval):
-        hand = sample_hand(_eval_stream(seed), j, img_size=img_size, view=view)
+        hand = draw(_eval_stream(seed), j)
         image, _ = render(hand, background=0)
         _write_image(eval_dir / f"{j:08d}.jpg", image, jpeg=True)
         _append_labels(ev, hand)

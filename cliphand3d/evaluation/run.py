@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..build import (build_dataset, build_datasets, build_prompts, check_split, compose_config, load_model,
                      model_overrides, text_branch_from_checkpoint)
 from ..checkpoint.state import template_from_state
+from ..data.reframe import Reframed, check_framing
 from ..errors import ConfigError
 from ..preflight import check_writable
 from ..runtime import configure_cuda, make_loader, pick_device
@@ -77,6 +78,7 @@ def _eval_root(cfg: DictConfig):
 
 def run_eval(cfg: DictConfig) -> dict:
     split = check_split(cfg.split)  # before any time is spent on the checkpoint
+    framing = check_framing(str(cfg.get("framing", "single")), cfg.get("two_pass_scale", 1.3))
     ckpt_path = Path(cfg.ckpt).expanduser()
     out_dir = Path(cfg.out_dir).expanduser() if cfg.get("out_dir") else ckpt_path.parent.parent / f"eval_{ckpt_path.stem}"
     check_writable(out_dir, "out_dir", keep=False)  # before minutes of predictions are spent
@@ -93,36 +95,56 @@ def run_eval(cfg: DictConfig) -> dict:
     if not labelled:
         text_branch = None  # retrieval scores prompts, which are made from labels
         check_placement(placement, dataset, split)
-    loader = make_loader(dataset, batch_size=eval_batch_size(cfg, model), num_workers=int(cfg.num_workers),
-                         device=device)
-    preds = predict(model, loader, device, text_branch=text_branch, placement=placement)
-    order = np.argsort(preds["index"], kind="stable")
-    preds = {k: (np.asarray(v)[order] if not k.startswith("prompt_") else [v[i] for i in order])
-             for k, v in preds.items()}
-    preds.update(exact_labels(dataset, preds))
+    preds, scored = _framed_predictions(cfg, framing, model, dataset, device, text_branch, placement)
+    num = len(preds["index"])
     placed = "estimated" if "scale" in preds else "gt"
     inexact = int((preds["placement_exact"] == 0).sum()) if "placement_exact" in preds else 0
     if inexact:
         log.warning("%d of %d samples: no root depth makes the predicted wrist -> middle-MCP bone one bone long "
-                    "(its predicted depth step exceeds it); the nearest depth was used", inexact, len(order))
+                    "(its predicted depth step exceeds it); the nearest depth was used", inexact, num)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"checkpoint": str(ckpt_path), "protocol": getattr(dataset, "protocol", "freihand"), "split": split,
-              "num_samples": len(order), "step": ckpt.get("train_state", {}).get("step"), "placement": placed,
-              "placement_inexact": inexact}
+              "num_samples": num, "step": ckpt.get("train_state", {}).get("step"), "placement": placed,
+              "placement_inexact": inexact, "framing": framing}
+    if framing == "two_pass":
+        result["two_pass_scale"] = float(cfg.two_pass_scale)
     if _wants_pred_json(cfg, dataset):
         write_pred_json(out_dir / "pred.json", preds["pred_xyz"], preds.get("pred_verts"))
     if not labelled:
         return _predictions_only(result, dataset, out_dir, _wants_pred_json(cfg, dataset))
-    result.update(_score(cfg, run, preds, template, model, ckpt_path, out_dir, result["protocol"], dataset))
+    result.update(_score(cfg, run, preds, template, model, ckpt_path, out_dir, result["protocol"], scored))
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     where = ("the true root depth and bone (demo protocol)" if placed == "gt" else
              "root depth and bone estimated from the predicted uvd, K and the scale |xyz[9] - xyz[10]|")
-    print(f"\n{result['protocol']} protocol, {len(order)} samples ({split} split of {type(dataset).__name__}), "
+    print(f"\n{result['protocol']} protocol, {num} samples ({split} split of {type(dataset).__name__}), "
           f"xyz placed with {where}\n")
     print((out_dir / "table.md").read_text())
     print(f"written to {out_dir}")
     return result
+
+
+def _framed_predictions(cfg: DictConfig, framing: str, model, dataset, device, text_branch, placement: str):
+    """(predictions in dataset order with float64 labels, the items they were made on): `dataset`'s, or with
+    framing=two_pass those of its items cropped again about the joints a first pass found (data/reframe.py)."""
+    def on(items) -> dict:
+        loader = make_loader(items, batch_size=eval_batch_size(cfg, model), num_workers=int(cfg.num_workers),
+                             device=device)
+        return _in_index_order(predict(model, loader, device, text_branch=text_branch, placement=placement))
+
+    preds, items = on(dataset), dataset
+    if framing == "two_pass":
+        items = Reframed(dataset, preds["pred_uvd"], scale=float(cfg.two_pass_scale),
+                         pixel_offset=getattr(model, "uv_pixel_offset", 0.5))
+        preds = on(items)
+    preds.update(exact_labels(items, preds))
+    return preds, items
+
+
+def _in_index_order(preds: dict) -> dict:
+    order = np.argsort(preds["index"], kind="stable")
+    return {k: (np.asarray(v)[order] if not k.startswith("prompt_") else [v[i] for i in order])
+            for k, v in preds.items()}
 
 
 def evaluate_run(run_dir: str | Path, split: str, *, device: str = "auto", num_workers: int = 2) -> dict:

@@ -17,6 +17,7 @@ from ..checkpoint.state import (compare_configs, config_to_container, config_val
                                 with_constructor_defaults)
 from ..checkpoint.weights import load_model_weights
 from ..errors import ConfigError
+from ..losses import weight_for
 from ..runtime import unwrap
 from .loop import TrainState
 
@@ -105,10 +106,22 @@ def _with_absent_defaults(cfg: dict) -> dict:
     return out
 
 
+def _with_absent_weights(saved: dict, cfg: dict) -> dict:
+    """`saved` with every loss weight `cfg` names and `saved` lacks set to what the saved run weighed that term
+    with (`losses.weight_for`: 0, or `clip` for a `clip_<axis>`), so a loss term added later never strands a run:
+    resuming one whose new term weighs 0 is exact, and a nonzero weight is reported as a change from 0."""
+    weights, now = (c.get("loss", {}).get("weights") if isinstance(c.get("loss"), dict) else None for c in (saved, cfg))
+    if not isinstance(weights, dict) or not isinstance(now, dict):
+        return saved
+    filled = {**{k: weight_for(k, weights) for k in now if k not in weights}, **weights}
+    return {**saved, "loss": {**saved["loss"], "weights": filled}}
+
+
 def resume_mismatches(saved: dict, cfg: dict, *, world_size: int, batch_size: int) -> list[str]:
     """What keeps `saved` (a checkpoint) from continuing exactly as this run (config `cfg`, a plain
     dict), one 'key: saved X, now Y' line each; empty when it can."""
-    saved_cfg = with_constructor_defaults(_with_absent_defaults(config_to_container(saved.get("config") or {})), cfg)
+    saved_cfg = _with_absent_defaults(config_to_container(saved.get("config") or {}))
+    saved_cfg = _with_absent_weights(with_constructor_defaults(saved_cfg, cfg), cfg)
     keys = compare_configs(saved_cfg, cfg, keys=None, ignore=RESUME_MAY_CHANGE)
     lines = [f"{k}: saved {config_value(saved_cfg, k)!r}, now {config_value(cfg, k)!r}" for k in keys]
     ts = saved.get("train_state") or {}

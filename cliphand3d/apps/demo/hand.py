@@ -9,9 +9,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from ...data.reframe import check_framing
 from ...data.transforms import normalize_image
 from ...errors import InputError
-from ...geometry import crop_and_rotate, mirror_lr, project, root_and_bone_from_uvd, uv_to_pixels
+from ...geometry import crop_and_rotate, mirror_lr, project, root_and_bone_from_uvd, square_box, uv_to_pixels
 
 # Shrink (INTER_AREA) before cropping when the box is over this many times the model's input side: the
 # crop's bilinear resampling then reduces by at most this factor, as in training, without aliasing.
@@ -51,6 +52,13 @@ class DemoModel:
     device: torch.device
     hand_scale: float
     config: DictConfig | None = None  # the checkpoint's: where the mean-pose baseline's training data is
+    # demo.yaml framing / two_pass_scale: two_pass crops each hand again about the joints the first crop gave
+    # (cliphand3d/data/reframe.py; eval.py's option of the same name)
+    framing: str = "single"
+    two_pass_scale: float = 1.3
+
+    def __post_init__(self):
+        check_framing(self.framing, self.two_pass_scale, "demo.py")
 
     @property
     def img_size(self) -> int:
@@ -77,7 +85,22 @@ class DemoModel:
 def predict_hand(dm: DemoModel, image: np.ndarray, K: np.ndarray, box, *, hand: str, box_scale: float,
                  where: str) -> dict:
     """One hand in one RGB image -> joints_2d (original pixels), joints_xyz / verts_xyz (metres, the image's
-    camera frame), the crop shown to the model and the map from its pixels to the image's."""
+    camera frame), the crop shown to the model and the map from its pixels to the image's. dm.framing
+    two_pass: all of it from a second crop, about the square box around the first crop's joints_2d times
+    dm.two_pass_scale (the first's joints_2d kept as first_pass_joints_2d)."""
+    res = _predict_once(dm, image, K, box, hand=hand, box_scale=box_scale, where=where)
+    if dm.framing == "two_pass":
+        cx, cy, side = square_box(res["joints_2d"], scale=1.0)
+        second = [cx + 0.5 - side / 2, cy + 0.5 - side / 2, side, side]  # [x, y, w, h], as crop_square reads it
+        first = res["joints_2d"]
+        res = _predict_once(dm, image, K, second, hand=hand, box_scale=dm.two_pass_scale,
+                            where=f"{where} (two_pass: the box around the first pass's joints)")
+        res["first_pass_joints_2d"] = first
+    return res
+
+
+def _predict_once(dm: DemoModel, image: np.ndarray, K: np.ndarray, box, *, hand: str, box_scale: float,
+                  where: str) -> dict:
     H, W = image.shape[:2]
     left = hand == "left"
     if left:  # the model knows right hands: mirror the image, its camera and the box in ...

@@ -1,0 +1,91 @@
+"""Colour augmentation of training crops: brightness / contrast / saturation and per-channel gains, drawn from
+each item's generator so that runs stay exactly reproducible."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from cliphand3d.data.freihand import FreiHAND
+from cliphand3d.data.transforms import CropAugment, jitter_color
+from cliphand3d.data.writers import write_freihand
+
+REPO = Path(__file__).resolve().parents[1]
+S = 64
+STILL = dict(scale=1.0, scale_jitter=0.0, shift_jitter=0.0, rot_prob=0.0)  # the crop itself never moves
+
+
+@pytest.fixture(scope="module")
+def frei(fixture_dir):
+    return fixture_dir("frei_color", write_freihand, num_train=2, num_eval=0, seed=5, versions=1)
+
+
+def grey(value: int = 100) -> np.ndarray:
+    return np.full((4, 5, 3), value, np.uint8)
+
+
+def test_channel_gains_known_answer():
+    out = jitter_color(grey(100), None, (0.5, 1.25, 1.5))
+    assert out.dtype == np.uint8 and (out.reshape(-1, 3) == [50, 125, 150]).all()
+    assert (jitter_color(grey(200), None, (1.4, 1.0, 0.6)).reshape(-1, 3) == [255, 200, 120]).all()  # clipped
+
+
+def test_gains_then_brightness_contrast_saturation_known_answer():
+    """Channel gains a, then brightness b, contrast c about the image mean m = 100 b mean(a), saturation s
+    about each pixel's grey (= m here): channel k ends at m + c s (100 b a_k - m)."""
+    a, (b, c, s) = np.array([0.5, 1.25, 1.5]), (1.25, 0.5, 0.75)
+    m = 100 * b * a.mean()
+    want = m + c * s * (100 * b * a - m)
+    out = jitter_color(grey(100), (b, c, s), tuple(a)).reshape(-1, 3).astype(float)
+    assert (np.abs(out - want) <= 1).all() and (out == out[0]).all()  # uint8 truncation: within one level
+
+
+def test_off_is_the_identity():
+    image = np.random.default_rng(0).integers(0, 256, (6, 7, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(jitter_color(image, None, None), image)
+    aug = CropAugment()  # the constructor's default: no colour change, nothing drawn for it
+    assert aug.color_jitter == 0.0 and aug.channel_noise == 0.0
+    p = aug.sample(np.random.default_rng(1))
+    assert p["color"] is None and p["channels"] is None
+
+
+def test_gains_come_from_the_items_generator(frei):
+    """An item's channels are the plain item's times gains drawn from rng_for(index): reproducible for a seed,
+    new for another epoch or seed, and the prompts and crop draws before them unchanged."""
+    plain = FreiHAND(frei, img_size=S, crop="joints", val_fraction=0.0, augment=CropAugment(**STILL))
+    noisy = FreiHAND(frei, img_size=S, crop="joints", val_fraction=0.0,
+                     augment=CropAugment(channel_noise=0.4, **STILL))
+    gains = noisy.augment.sample(noisy.rng_for(1))["channels"]
+    assert gains is not None and all(0.6 <= g <= 1.4 for g in gains) and len(set(gains)) == 3
+    base = plain[1]["image"].permute(1, 2, 0).numpy()
+    got = noisy[1]["image"].permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(got, jitter_color(base, None, gains))
+    for key in ("joints_uvd", "K"):
+        assert torch.equal(noisy[1][key], plain[1][key])  # colour moves no label
+    assert torch.equal(noisy[1]["image"], noisy[1]["image"])  # the same item twice
+    noisy.set_epoch(1)
+    assert not torch.equal(noisy[1]["image"], torch.from_numpy(got).permute(2, 0, 1))
+    other_seed = FreiHAND(frei, img_size=S, crop="joints", val_fraction=0.0, seed=7,
+                          augment=CropAugment(channel_noise=0.4, **STILL))
+    assert other_seed.augment.sample(other_seed.rng_for(1))["channels"] != gains
+
+
+def test_colour_draws_come_after_the_crop_draws():
+    """Switched on, the colour draws follow the crop's: the crop of an item is the one it had without colour."""
+    off, on = CropAugment(), CropAugment(color_jitter=0.2, channel_noise=0.4)
+    a, b = off.sample(np.random.default_rng(3)), on.sample(np.random.default_rng(3))
+    assert (a["scale"], a["shift"], a["rot"]) == (b["scale"], b["shift"], b["rot"])
+
+
+@pytest.mark.parametrize("name", ["freihand", "rhd"])
+def test_real_data_configs_switch_colour_on_for_training_only(name):
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"data={name}", "run_dir=/tmp/unused"])
+    train = cfg.data.train.augment
+    assert train.color_jitter == 0.2 and train.channel_noise == 0.4
+    for split in ("val", "test"):
+        held = cfg.data[split].augment
+        assert held is None or (not held.train and held.get("channel_noise", 0.0) == 0.0)
