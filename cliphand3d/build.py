@@ -10,6 +10,7 @@ import inspect
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -19,6 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from .checkpoint.io import load_checkpoint
 from .checkpoint.state import adapter_weights, head_weights, model_weights, template_from_state
 from .checkpoint.weights import load_model_weights
+from .data.mix import MixedHands
+from .data.sampler import largest_remainder
 from .errors import CheckpointError, ConfigError, DatasetError
 from .losses import MESH_TERMS
 from .models.template import MeshTemplate, load_or_build_template
@@ -61,7 +64,10 @@ def check_split(split: str) -> str:
 
 
 def build_dataset(cfg: DictConfig, split: str, prompts=None):
-    """The data group's entry `split`, given the prompt generator."""
+    """The data group's entry `split`, given the prompt generator (data=mix: its sets', as one MixedHands)."""
+    members = data_sets(cfg)
+    if members is not None:
+        return build_mix(cfg, members, split, prompts)
     node = cfg.data.get(check_split(split))
     if node is None:
         raise DatasetError(f"data.{split} is missing from the data config ({cfg.data.get('name', '?')}); a "
@@ -76,8 +82,73 @@ def build_datasets(cfg: DictConfig, prompts=None, splits=("train", "val")):
     return {split: build_dataset(cfg, split, prompts) for split in splits}
 
 
+# ----------------------------------------------------------------------------- data=mix (configs/data/mix.yaml)
+def data_sets(cfg: DictConfig) -> dict | None:
+    """A mix's member data configs, name -> node (data.sets); None for one dataset."""
+    sets = cfg.data.get("sets")
+    return None if sets is None else {str(name): node for name, node in sets.items()}
+
+
+def holds_out(data: DictConfig) -> bool:
+    """Does this data config have a `val` split? (val_fraction=0 trains on every id and holds none out.)"""
+    return data.get("val_fraction", None) != 0
+
+
+def validates(cfg: DictConfig) -> bool:
+    """Does the run validate (and choose best.pt)? A mix does when any of its sets holds data out."""
+    members = data_sets(cfg)
+    return holds_out(cfg.data) if members is None else any(holds_out(m) for m in members.values())
+
+
+def build_mix(cfg: DictConfig, members: dict, split: str, prompts=None) -> MixedHands:
+    """data=mix: entry `split` of every set, as one MixedHands weighed by data.sets.<name>.weight (absent: 1), the
+    meshes of a set with data.sets.<name>.use_mesh=false left out (absent: true).
+    `val` leaves out the sets that hold nothing out; `test` is refused: each set's official split is scored on
+    its own, with its own protocol (eval.py ... data=<set> root=<its folder>)."""
+    if check_split(split) == "test":
+        raise DatasetError(f"data=mix ({', '.join(members)}): the test split is scored one dataset at a time, each "
+                           "with its own protocol.\n  fix: eval.py ckpt=... data=<one of them> root=<its folder>, "
+                           "once per set (trainer.final_eval=null for a mix)")
+    chosen = {name: node for name, node in members.items() if split != "val" or holds_out(node)}
+    sets = {}
+    for name, node in chosen.items():
+        if node.get(split) is None:
+            raise DatasetError(f"data.sets.{name}.{split} is missing: a set of a mix is a whole data config "
+                               f"(configs/data/<name>.yaml, in data=mix's defaults as - <name>@sets.{name})")
+        sets[name] = instantiate(node[split], prompts=prompts)
+    # only training draws by weight: val and test score every item of every set
+    weights = {name: node.get("weight", 1.0) for name, node in chosen.items()} if split == "train" else None
+    without_mesh = [name for name, node in chosen.items() if not node.get("use_mesh", True)]
+    return MixedHands(sets, weights=weights, img_size=cfg.data.get("img_size"), without_mesh=without_mesh)
+
+
+def monitor_set(cfg: DictConfig) -> str | None:
+    """data=mix: the set whose validation chooses best.pt (data.monitor_set; null: the first set that holds data
+    out); None for one dataset."""
+    members = data_sets(cfg)
+    if members is None:
+        return None
+    named, validated = cfg.data.get("monitor_set"), [n for n, m in members.items() if holds_out(m)]
+    if named is None:
+        return validated[0] if validated else None
+    if str(named) not in validated:
+        raise ConfigError(f"data.monitor_set={named!r} is not a set of this mix that validates (those are: "
+                          f"{', '.join(validated) or 'none'}): best.pt is chosen on trainer.monitor of that set's "
+                          "val split.\n  fix: name one of them, or null for the first")
+    return str(named)
+
+
+def monitor_data(cfg: DictConfig) -> DictConfig:
+    """The data config whose val split chooses best.pt: the data group, or data=mix's monitor set."""
+    name = monitor_set(cfg)
+    return cfg.data if name is None else cfg.data.sets[name]
+
+
 def template_labels(dataset, max_samples: int):
-    """(xyz, verts or None) raw camera-frame labels for the template fit, without loading images."""
+    """(xyz, verts or None) raw camera-frame labels for the template fit, without loading images. A mix pools
+    its mesh sets' (max_samples split in proportion to their sizes), or every set's joints when none has one."""
+    if isinstance(dataset, MixedHands):
+        return _mix_template_labels(dataset, max_samples)
     for name in ("labels_for_template", "all_labels"):
         fn = getattr(dataset, name, None)
         if fn is not None:
@@ -87,6 +158,16 @@ def template_labels(dataset, max_samples: int):
                 xyz, verts = fn()
                 return xyz[:max_samples], verts[:max_samples]
     raise TypeError(f"{type(dataset).__name__} has no labels_for_template() to derive the mesh template from")
+
+
+def _mix_template_labels(mix: MixedHands, max_samples: int):
+    sets = list((mix.mesh_sets() or mix.sets).values())
+    counts = largest_remainder(min(int(max_samples), sum(len(ds) for ds in sets)), [len(ds) for ds in sets])
+    parts = [template_labels(ds, k) for ds, k in zip(sets, counts) if k]
+    xyz = np.concatenate([np.asarray(p[0], dtype=np.float64) for p in parts])
+    if not mix.has_verts:
+        return xyz, None
+    return xyz, np.concatenate([np.asarray(p[1], dtype=np.float32) for p in parts])
 
 
 def build_template(cfg: DictConfig, train_set) -> MeshTemplate:

@@ -17,6 +17,12 @@ Mesh regularisers (MobRecon, I2L-MeshNet), on the final vertices where the data 
 metric frame: `edge`, mean over the template graph's edges (i, j) of | |p_i - p_j| - |t_i - t_j| |, and
 `normal`, mean over its triangles and their three sides of |cos| between the predicted side and the true
 triangle's normal. The graph is the template's (`MeshTemplate.mesh_graph`), given by `build.build_criterion`.
+
+Per-sample masks (data=mix, data/mix.py): a batch with `has_mesh` mixes samples with meshes and samples without
+(RHD), whose `verts_*` are placeholder zeros. Every term read off the mesh (`verts`, `edge`, `normal`, and
+`stages` where they supervise vertices) is then the mean over the mesh samples only: a sample without a mesh adds
+exactly 0 to it and to its gradient, and a batch without any mesh sample gives 0. Without `has_mesh` nothing is
+masked and each term is the plain mean over the batch, as it always was.
 """
 from __future__ import annotations
 
@@ -41,8 +47,27 @@ MESH_TERMS = ("edge", "normal")
 UNITS = ("uvd", "metric")
 
 
-def point_error(pred: torch.Tensor, target: torch.Tensor, kind: str = "l1") -> torch.Tensor:
-    """Mean error over points of (B, N, 3) coordinates (in the loss's units)."""
+def masked_mean(per_sample: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of (B,) values over the samples where the (B,) bool `mask` holds. The others add exactly 0 (whatever
+    they hold: where, not a product, so a NaN stays out) and no gradient; no sample at all gives 0."""
+    kept = torch.where(mask, per_sample, torch.zeros_like(per_sample))
+    return kept.sum() / mask.sum().clamp(min=1).to(per_sample.dtype)
+
+
+def point_error(pred: torch.Tensor, target: torch.Tensor, kind: str = "l1",
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean error over points of (B, N, 3) coordinates (in the loss's units); with a (B,) bool `mask`, the
+    mean over the points of the samples it keeps (`masked_mean` of each sample's mean)."""
+    if mask is not None:
+        if kind == "l1":
+            err = (pred - target).abs().mean((1, 2))
+        elif kind == "l2":
+            err = (pred - target).pow(2).sum(-1).mean(1)
+        elif kind == "smooth_l1":
+            err = F.smooth_l1_loss(pred, target, beta=0.01, reduction="none").mean((1, 2))
+        else:
+            raise ConfigError(f"loss.kind={kind!r} is not one of l1, l2, smooth_l1")
+        return masked_mean(err, mask)
     if kind == "l1":
         return (pred - target).abs().mean()
     if kind == "l2":
@@ -68,21 +93,26 @@ def bone_frame(uvd: torch.Tensor, batch: Mapping) -> torch.Tensor:
         return xyz / bone[:, None, None]
 
 
-def edge_length_error(pred: torch.Tensor, target: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch and the (E, 2) edges of | |p_i - p_j| - |t_i - t_j| | ((B, N, 3) points)."""
+def edge_length_error(pred: torch.Tensor, target: torch.Tensor, edges: torch.Tensor,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the batch (the samples a (B,) bool `mask` keeps) and the (E, 2) edges of
+    | |p_i - p_j| - |t_i - t_j| | ((B, N, 3) points)."""
     length = lambda x: torch.linalg.vector_norm(x[:, edges[:, 0]] - x[:, edges[:, 1]], dim=-1)  # noqa: E731
-    return (length(pred) - length(target)).abs().mean()
+    err = (length(pred) - length(target)).abs()
+    return err.mean() if mask is None else masked_mean(err.mean(1), mask)
 
 
-def normal_error(pred: torch.Tensor, target: torch.Tensor, triangles: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch, the (F, 3) triangles and their three sides of |cos| between the predicted side
-    and the true triangle's unit normal: 0 when every predicted triangle lies in its true one's plane.
-    A degenerate true triangle (no normal) adds 0."""
+def normal_error(pred: torch.Tensor, target: torch.Tensor, triangles: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the batch (the samples a (B,) bool `mask` keeps), the (F, 3) triangles and their three sides
+    of |cos| between the predicted side and the true triangle's unit normal: 0 when every predicted triangle
+    lies in its true one's plane. A degenerate true triangle (no normal) adds 0."""
     t0, t1, t2 = (target[:, triangles[:, i]] for i in range(3))
     normal = F.normalize(torch.linalg.cross(t1 - t0, t2 - t0, dim=-1), dim=-1)
     p0, p1, p2 = (pred[:, triangles[:, i]] for i in range(3))
     sides = torch.stack([p1 - p0, p2 - p0, p2 - p1], 0)
-    return (F.normalize(sides, dim=-1) * normal).sum(-1).abs().mean()
+    cos = (F.normalize(sides, dim=-1) * normal).sum(-1).abs()  # (3, B, F)
+    return cos.mean() if mask is None else masked_mean(cos.mean((0, 2)), mask)
 
 
 def heatmap_ce(logits: torch.Tensor, target01: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -180,16 +210,17 @@ class CLIPHand3DLoss(nn.Module):
         }
         if self.weights.get("heatmap", 0.0) > 0:
             terms["heatmap"] = self._heatmap(outputs, target)
-        t_dense = t_joints
+        t_dense, mask = t_joints, None
         if outputs.get("verts") is not None and "verts_uvd" in batch:
-            pred, t_dense = space(outputs["verts"]), space(batch["verts_uvd"])
-            terms["verts"] = point_error(pred, t_dense, self.kind)
+            # data=mix: only the samples with a mesh count in the terms read off it (module docstring)
+            pred, t_dense, mask = space(outputs["verts"]), space(batch["verts_uvd"]), batch.get("has_mesh")
+            terms["verts"] = point_error(pred, t_dense, self.kind, mask)
             if any(self.weighs(t) for t in MESH_TERMS):  # in the bone frame whatever the units
                 graph, metric = self._graph(pred), self.units == "metric"
                 terms.update(self._regularisers(graph, pred if metric else bone_frame(outputs["verts"], batch),
-                                                t_dense if metric else bone_frame(batch["verts_uvd"], batch)))
+                                                t_dense if metric else bone_frame(batch["verts_uvd"], batch), mask))
         if outputs.get("stages"):
-            terms["stages"] = sum(point_error(space(pred), t_dense[:, idx], self.kind)
+            terms["stages"] = sum(point_error(space(pred), t_dense[:, idx], self.kind, mask)
                                   for pred, idx in zip(outputs["stages"], outputs["stage_index"])) / len(outputs["stages"])
         if self.contrastive is not None:
             if text_feats is None or "pose_feats" not in outputs:
@@ -207,14 +238,14 @@ class CLIPHand3DLoss(nn.Module):
         lg = outputs["logits"]
         return sum(heatmap_ce(lg[a], t01[..., k], self.heatmap_sigma) for k, a in enumerate(("x", "y", "z"))) / 3.0
 
-    def _regularisers(self, graph: tuple, pred: torch.Tensor, true: torch.Tensor) -> dict:
-        """`edge` and `normal` (those that weigh) of (B, N, 3) vertices in the bone frame."""
+    def _regularisers(self, graph: tuple, pred: torch.Tensor, true: torch.Tensor, mask=None) -> dict:
+        """`edge` and `normal` (those that weigh) of (B, N, 3) vertices in the bone frame (over `mask`'s samples)."""
         edges, triangles = graph
         out = {}
         if self.weighs("edge"):
-            out["edge"] = edge_length_error(pred, true, edges)
+            out["edge"] = edge_length_error(pred, true, edges, mask)
         if self.weighs("normal"):
-            out["normal"] = normal_error(pred, true, triangles)
+            out["normal"] = normal_error(pred, true, triangles, mask)
         return out
 
     def _graph(self, verts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

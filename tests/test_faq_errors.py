@@ -209,7 +209,8 @@ def _(ctx):
     from cliphand3d.preflight import check_config
 
     return [printed(lambda: check_config(composed(o))) for o in (
-        "trainer.monitor=pa_mpjpe", "data.img_size=65", "prompt.context_length=78", "trainer.max_nonfinite_steps=0")]
+        "trainer.monitor=pa_mpjpe", "data.img_size=65", "prompt.context_length=78", "trainer.max_nonfinite_steps=0",
+        "trainer.accumulate=0", "trainer.accumulate=3")]
 
 
 @faq("run-dir-unwritable")
@@ -317,6 +318,7 @@ def _(ctx):
     from cliphand3d.models.joint_regressor import JointRegressor
 
     return [printed(lambda: ResNetBackbone(name="resnet101")), printed(lambda: ResNetBackbone(name="resnet18", stages=5)),
+            printed(lambda: ResNetBackbone(name="resnet18", input_norm="caffe")),
             printed(lambda: JointRegressor(in_channels=8, z_head="mlp")),
             printed(lambda: regressor._choice("cue_maps", "all", regressor.CUE_MAPS)),
             printed(lambda: JointFeatures(in_channels=8, impl="fast")),
@@ -380,6 +382,8 @@ def _(ctx):
     return [printed(lambda: CLIPHand3DLoss(weights={"jionts": 1.0})),
             printed(lambda: CLIPHand3DLoss(weights={"joints": 1.0}, kind="l3")),
             printed(lambda: CLIPHand3DLoss(weights={"joints": 1.0}, heatmap_sigma=0)),
+            printed(lambda: CLIPHand3DLoss(weights={"joints": 1.0}, units="mm")),
+            printed(lambda: CLIPHand3DLoss(weights={"joints": 1.0, "edge": 1.0}, graph_neighbours=0)),
             printed(lambda: weighted_total({"joints": torch.ones(())}, {"joints": 0.0})),
             printed(lambda: PerAxisContrastiveLoss(init_logit_scale=10.0)),
             printed(lambda: PerAxisContrastiveLoss(min_scale=10.0, max_scale=1.0)),
@@ -408,6 +412,8 @@ def _(ctx):
     module = TrainingModule(Model(), crit, nn.Identity(), AxisAdapters(embed_dim=4, axes=["x", "z"]))
     return [printed(lambda: TrainingModule(nn.Linear(1, 1), crit, None, None)),
             printed(lambda: CLIPHand3DLoss(weights={"joints": 1.0, "heatmap": 1.0})(outputs, batch)),
+            printed(lambda: CLIPHand3DLoss(weights={"joints": 1.0, "edge": 1.0})(
+                {**outputs, "verts": torch.zeros(1, 30, 3)}, {**batch, "verts_uvd": torch.zeros(1, 30, 3)})),
             printed(lambda: CLIPHand3DLoss(weights={"joints": 1.0, "clip": 1.0},
                                            contrastive=PerAxisContrastiveLoss())(outputs, batch)),
             printed(lambda: module({"image": torch.zeros(1), "prompts": {"x": ["a"]}}))]
@@ -622,7 +628,9 @@ def _(ctx):
             printed(lambda: FreiHAND(root, holdout_seed=-1)),
             printed(lambda: FreiHAND(root, versions=(0, 0))),
             printed(lambda: FreiHAND(root, crop="box")),
-            printed(lambda: FreiHAND(root, split="eval", crop="mask"))]
+            printed(lambda: FreiHAND(root, split="eval", crop="mask")),
+            printed(lambda: FreiHAND(root, crop="centre", centre_fraction=0.0)),
+            printed(lambda: RHD(ctx.tmp / "rhd", crop="box"))]
 
 
 @faq("images")
@@ -774,6 +782,7 @@ def _(ctx):
 @faq("placement")
 def _(ctx):
     from cliphand3d.data.freihand import FreiHAND
+    from cliphand3d.data.reframe import check_framing
     from cliphand3d.evaluation.predict import _placement, check_placement, predict
 
     root = ctx.frei()
@@ -784,7 +793,9 @@ def _(ctx):
             printed(lambda: check_placement("gt", unlabelled, "test")),
             printed(lambda: predict(nn.Identity(), [], "cpu", placement="best")),
             printed(lambda: _placement(uvd, {"K": torch.eye(3)[None]}, 64, "gt")),
-            printed(lambda: _placement(uvd, {"K": torch.eye(3)[None]}, 64, "estimated"))]
+            printed(lambda: _placement(uvd, {"K": torch.eye(3)[None]}, 64, "estimated")),
+            printed(lambda: check_framing("twice", 1.3)),
+            printed(lambda: check_framing("two_pass", -1.0, "demo.py"))]
 
 
 # during training ------------------------------------------------------------------------------------
@@ -881,6 +892,17 @@ def _(ctx):
             printed(lambda: list(inputs.video_frames(ctx.tmp / "bad.mp4")))]
 
 
+@faq("demo-live")
+def _(ctx):
+    from cliphand3d.apps.demo import inputs, smoothing
+
+    def opened(value):
+        return printed(lambda: inputs.open_capture(inputs.list_sources(value)[0]))
+
+    return [opened(97), opened("file:///no/such/clip.mp4"), printed(lambda: inputs.check_max_frames(-3)),
+            printed(lambda: smoothing.make_smoother({"enabled": True, "min_cutoff": 0}))]
+
+
 # the other scripts ----------------------------------------------------------------------------------
 @faq("import-checkpoint")
 def _(ctx):
@@ -925,6 +947,16 @@ def _(ctx):
 def _(ctx):
     cfg = composed("format=coco", f"out={ctx.tmp}", config="make_synthetic")
     return printed(lambda: script("make_synthetic").main.__wrapped__(cfg))
+
+
+@faq("wandb-extra")
+def _(ctx):
+    import sys
+
+    from cliphand3d.train.run import train
+
+    ctx.mp.setitem(sys.modules, "wandb", None)  # `import wandb` now fails, as without the extra
+    return printed(lambda: train(composed(f"run_dir={ctx.tmp}", "debug=fast", "logger=wandb")))
 
 
 @faq("onnx-extra")
@@ -972,6 +1004,51 @@ def _(ctx):
     return [printed(lambda: check_gradients(net)),
             printed(lambda: save_checkpoint(ctx.tmp / "x.pt", {"a": np.float32(1)})),
             printed(lambda: check_item({"image": None}))]
+
+
+def _mix(ctx, *overrides: str):
+    """data=mix over copies of the FreiHAND and RHD fixtures (one training hand each, one held out)."""
+    if not hasattr(ctx, "mix_roots"):
+        ctx.mix_roots = (ctx.frei(), ctx.rhd())
+    return composed("data=mix", f"data.sets.freihand.root={ctx.mix_roots[0]}", f"data.sets.rhd.root={ctx.mix_roots[1]}",
+                    "data.sets.freihand.versions=[0]", *overrides)
+
+
+@faq("mix-sets")
+def _(ctx):
+    from cliphand3d.build import build_dataset
+    from cliphand3d.data.mix import MixedHands
+
+    cfg = _mix(ctx)
+    frei = build_dataset(cfg, "train")
+    return [printed(lambda: MixedHands({})),
+            printed(lambda: MixedHands({"a": frei}, weights={"b": 1.0})),
+            printed(lambda: build_dataset(OmegaConf.merge(cfg, {"data": {"sets": {"rhd": {"weight": -1}}}}), "train")),
+            printed(lambda: MixedHands({"a": frei}, weights={"a": 0})),
+            printed(lambda: MixedHands({"a": frei, "b": []})),
+            printed(lambda: build_dataset(OmegaConf.merge(cfg, {"data": {"sets": {"rhd": {"img_size": 128}}}}),
+                                          "train")),
+            printed(lambda: build_dataset(_mix(ctx, "~data.sets.rhd.val"), "val"))]
+
+
+@faq("mix-meshes")
+def _(ctx):
+    from cliphand3d.build import build_dataset
+
+    extra = ("+data@data.sets.synthetic=synthetic", "data.sets.synthetic.num_verts=200",
+             "data.sets.synthetic.img_size=256")
+    return printed(lambda: build_dataset(_mix(ctx, *extra), "train"))
+
+
+@faq("mix-eval")
+def _(ctx):
+    from cliphand3d.build import build_dataset, monitor_set
+    from cliphand3d.preflight import check_config
+
+    return [printed(lambda: build_dataset(_mix(ctx), "test")),
+            printed(lambda: check_config(_mix(ctx, "trainer.final_eval=test"))),
+            printed(lambda: monitor_set(_mix(ctx, "data.monitor_set=interhand"))),
+            printed(lambda: monitor_set(_mix(ctx, "data.monitor_set=rhd", "data.sets.rhd.val_fraction=0")))]
 
 
 # --------------------------------------------------------------------------- the tests

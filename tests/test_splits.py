@@ -269,3 +269,30 @@ def test_official_folder_names_are_split_names(frei, rhd_root):
         assert e.split == "eval" and len(e) == len(f) and e[0]["meta"]["file"] == f[0]["meta"]["file"]
         with pytest.raises(DatasetError, match="training"):
             cls(root, split="testing")
+
+
+TINY_MODEL = ["model.backbone=resnet18", "model.deconv_channels=16", "model.depth_bins=16",
+              "model.joint_feature_hidden=16", "model.token_dim=32", "model.widths=[32,16,16,8,8]",
+              "model.blocks_per_stage=1", "model.heads=2", "model_template.build.levels=[40,80,120]",
+              "model_template.num_samples=8", "trainer.num_workers=0", "logger.tensorboard=false",
+              "trainer.device=cpu"]
+
+
+def test_val_fraction_zero_trains_on_every_hand_and_best_is_the_last_weights(frei, tmp_path, monkeypatch, caplog):
+    """A final model trains on all the training hands: nothing validates, best.pt holds the last weights, and
+    the log says so."""
+    import cliphand3d.train.run as trainer
+    from cliphand3d.checkpoint.io import load_checkpoint
+
+    monkeypatch.setattr(trainer, "validate", lambda *a, **k: pytest.fail("validated with nothing held out"))
+    cfg = compose_cfg("freihand", f"data.root={frei}", "data.val_fraction=0", "data.versions=[0]",
+                      f"run_dir={tmp_path}", "trainer.max_steps=2", "trainer.batch_size=4", *TINY_MODEL)
+    with caplog.at_level("INFO"):
+        assert trainer.train(cfg) == {}
+    assert "data.val_fraction=0" in caplog.text and "best.pt will be the last weights" in caplog.text
+    best, last = (load_checkpoint(tmp_path / "checkpoints" / f"{n}.pt") for n in ("best", "last"))
+    assert best["train_state"]["step"] == last["train_state"]["step"] == 2
+    assert best["train_state"]["best_step"] == 2
+    assert all(best["model"][k].equal(v) for k, v in last["model"].items())
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["best_step"] == 2 and summary["steps"] == 2

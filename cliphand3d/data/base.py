@@ -23,7 +23,7 @@ from ..dist import all_reduce_sum
 from ..errors import DatasetError
 from ..serialization import load_plain_pickle_stream
 from .sample import RawSample
-from .transforms import build_items, label_targets
+from .transforms import build_item, build_items, crop_frame, label_targets
 
 log = logging.getLogger(__name__)
 # data.skip_bad gives up after this many unreadable items in a row: past that the data is broken, not flaky
@@ -215,6 +215,23 @@ class HandDataset(Dataset):
         """Item `index`'s label keys (float64 numpy), as `__getitem__` makes them, without the image."""
         return label_targets(self.label_sample(index), img_size=self.img_size, augment=self.augment,
                              rng=self.rng_for(index))
+
+    def reframed_item(self, index: int, reframe, augment) -> dict:
+        """Item `index` cropped by `augment` about the box `reframe(frame)` returns, `frame` being the (centre,
+        side, rotation) of the crop item `index` has: two-pass framing's second item (data/reframe.py). The
+        raw sample, rng and crop pipeline of `__getitem__`; only the box differs."""
+        raw = self._reframed(self.load_raw(index), index, reframe)
+        return build_item(raw, index=index, img_size=self.img_size, augment=augment, prompts=self.prompts,
+                          rng=self.rng_for(index))
+
+    def reframed_label_targets(self, index: int, reframe, augment) -> dict:
+        """`reframed_item`'s label keys (float64 numpy), without the image."""
+        raw = self._reframed(self.label_sample(index), index, reframe)
+        return label_targets(raw, img_size=self.img_size, augment=augment, rng=self.rng_for(index))
+
+    def _reframed(self, raw: RawSample, index: int, reframe) -> RawSample:
+        raw.box = reframe(crop_frame(raw.box, self.augment, self.rng_for(index)))
+        return raw
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         """Item `key`: an index (in the epoch set by set_epoch) or an (epoch, index) pair, as

@@ -6,7 +6,6 @@ entries: checkpoint/state.py) and resumes (resume.py). Devices and DDP come from
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -20,15 +19,14 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .. import dist, metrics
 from ..build import (adopt_init_config, build_datasets, build_prompts, build_template, build_training_module,
-                     checkpoint_config, load_init_weights)
+                     checkpoint_config, load_init_weights, monitor_set, validates)
 from ..checkpoint.io import load_checkpoint, save_checkpoint
 from ..checkpoint.state import template_from_state, training_checkpoint
 from ..data.base import SkipCounter
-from ..data.sampler import ResumableSampler
+from ..data.sampler import sampler_for
 from ..errors import ConfigError, NonFiniteLossError
 from ..evaluation.run import evaluate_run
 from ..evaluation.scoring import validate
-from ..evaluation.sharding import shard_positions
 from ..preflight import check_config, check_writable
 from ..runtime import (autocast_for, configure_cuda, guard_shared_memory, make_loader, pick_device, seed_everything,
                        unwrap)
@@ -38,6 +36,7 @@ from .logger import RunLogger
 from .loop import TrainState, train_one_epoch
 from .optim import optimizer_from_config, schedule_from_config
 from .resume import check_resumable, find_resume_checkpoint, restore
+from .validation import Validation
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +60,16 @@ def improves(monitor: str, value: float, state: TrainState) -> bool:
 class SampleRecorder:
     """trainer.record_samples (debugging data order): one JSON line per optimiser step,
     {"step", "epoch", "index": the dataset indices this rank trained on}, appended to `path`. A resumed
-    run appends again from its checkpoint on, so the last line of a step is the one that counts."""
+    run appends again from its checkpoint on, so the last line of a step is the one that counts. A step's
+    indices are the last `per_step` read (trainer.accumulate: its micro-batches together)."""
 
-    def __init__(self, path: Path):
-        self.path, self.pending = path, None
+    def __init__(self, path: Path, per_step: int):
+        self.path, self.pending, self.per_step = path, [], per_step
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def wrap(self, loader):
         for batch in loader:
-            self.pending = batch["meta"]["index"].tolist()
+            self.pending = (self.pending + batch["meta"]["index"].tolist())[-self.per_step:]
             yield batch
 
     def commit(self, state: TrainState) -> None:
@@ -123,7 +123,7 @@ class Run:
         if saved is not None:
             self._restore(saved)
         self._open_logs()
-        self.recorder = (SampleRecorder(self.run_dir / "samples" / f"rank{rank}.jsonl")
+        self.recorder = (SampleRecorder(self.run_dir / "samples" / f"rank{rank}.jsonl", per_step=self.bs)
                          if self.tcfg.get("record_samples") else None)
         self.grads_checked = False
         self.last_metrics: dict = {}
@@ -148,17 +148,28 @@ class Run:
 
     def _build_data(self) -> None:
         prompts = build_prompts(self.cfg)
-        sets = build_datasets(self.cfg, prompts, splits=("train", "val"))  # never test: it must not choose best.pt
-        self.train_set, self.val_set = sets["train"], sets["val"]
-        self.sampler = ResumableSampler(len(self.train_set), shuffle=True, seed=int(self.cfg.seed), rank=self.rank,
-                                        world_size=self.world, batch_size=self.bs, drop_last=True, with_epoch=True)
+        # never test: it must not choose best.pt. data.val_fraction=0 (a final model on every training hand)
+        # holds nothing out: no validation, best.pt is the last weights
+        self.holds_out = validates(self.cfg)
+        sets = build_datasets(self.cfg, prompts, splits=("train", "val") if self.holds_out else ("train",))
+        self.train_set, self.val_set = sets["train"], sets.get("val")
+        # data=mix: each epoch draws every set's share by its weight (data/mix.py); else a shuffle of the set
+        self.sampler = sampler_for(self.train_set, shuffle=True, seed=int(self.cfg.seed), rank=self.rank,
+                                   world_size=self.world, batch_size=self.bs, drop_last=True, with_epoch=True)
         self.steps_per_epoch = self.sampler.batches_per_epoch()
         if self.steps_per_epoch == 0:
             raise ConfigError(f"trainer.batch_size={self.bs} x {self.world} process(es) is larger than the training "
                              f"set ({len(self.train_set)} samples): lower trainer.batch_size or use more data")
-        # built once: their workers live for the whole run (the sampler tells them the epoch)
-        self.train_loader = self._loader(self.train_set, self.bs, sampler=self.sampler, drop_last=True)
-        self.val_loader = self._loader(self.val_set, int(self.tcfg.val_batch_size))
+        # built once: their workers live for the whole run (the sampler tells them the epoch). The sampler deals
+        # whole batches; with trainer.accumulate=N the loader cuts each into N micro-batches (preflight: N divides)
+        self.accumulate = int(self.tcfg.get("accumulate", 1))
+        self.train_loader = self._loader(self.train_set, self.bs // self.accumulate, sampler=self.sampler,
+                                         drop_last=True)
+        self.validation = Validation(self.val_set, monitor_set=monitor_set(self.cfg), loader=self._loader,
+                                     batch_size=int(self.tcfg.val_batch_size), rank=self.rank,
+                                     world=self.world) if self.holds_out else None
+        if self.main and self.validation is not None and self.validation.mixed:
+            log.info("%s", self.validation.describe(self.tcfg.monitor))
 
     def _loader(self, dataset, batch_size: int, **kw):
         t = self.tcfg
@@ -215,13 +226,18 @@ class Run:
                      self.state.epoch, self.state.batch_in_epoch)
 
     def _open_logs(self) -> None:
-        self.logger = RunLogger(self.run_dir, enabled=self.main, tensorboard=bool(self.cfg.logger.tensorboard))
+        lcfg = OmegaConf.to_container(self.cfg.logger, resolve=True)
+        self.logger = RunLogger(self.run_dir, enabled=self.main, tensorboard=bool(lcfg["tensorboard"]),
+                                wandb=lcfg.get("wandb"), config=OmegaConf.to_container(self.cfg, resolve=True))
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
             log.info("run dir %s | device %s x %d | %d train / %d val samples | %d steps (%d per epoch)",
-                     self.run_dir, self.device, self.world, len(self.train_set), len(self.val_set),
-                     self.total_steps, self.steps_per_epoch)
+                     self.run_dir, self.device, self.world, len(self.train_set),
+                     len(self.val_set) if self.holds_out else 0, self.total_steps, self.steps_per_epoch)
+            if not self.holds_out:
+                log.info("data.val_fraction=0: every training sample trains and none validates; best.pt will be "
+                         "the last weights")
 
     # ------------------------------------------------------------------ during the run
     def checkpoint(self, name: str) -> None:
@@ -248,20 +264,14 @@ class Run:
             self.skips.sync(self.device)
             self.checkpoint("last.pt")
 
-    @functools.cached_property
-    def val_share(self):
-        """This rank's loader over `val`: whole batches, a contiguous share (evaluation/sharding.py); the whole
-        val loader in one process."""
-        if self.world == 1:
-            return self.val_loader
-        bs = int(self.tcfg.val_batch_size)
-        return self._loader(self.val_set, bs, sampler=shard_positions(len(self.val_set), bs, self.rank, self.world))
-
     def validate(self) -> dict:
-        """Validate on `val`, sharded over the ranks: each predicts its share, rank 0 scores the gathered
-        predictions once (exactly one process's metrics: evaluation/scoring.validate), logs them and keeps
-        best.pt by `trainer.monitor`. Every rank gets the metrics and keeps the same history and best step."""
+        """Validate on `val` (data=mix: each set's, with its own protocol: train/validation.py), sharded over the
+        ranks: each predicts its share, rank 0 scores the gathered predictions once (exactly one process's metrics:
+        evaluation/scoring.validate), logs them and keeps best.pt by `trainer.monitor` (of data.monitor_set). Every
+        rank gets the metrics and keeps the same history and best step."""
         st, monitor = self.state, self.tcfg.monitor
+        if not self.holds_out:
+            return {}
         self.skips.sync(self.device)  # a collective, so here where every rank is, not where rank 0 saves best.pt
         eval_model = self.ema.module if self.ema is not None else unwrap(self.module).model
         # each rank's last training forward moved its own BatchNorm statistics (the EMA copies them): validate
@@ -269,18 +279,18 @@ class Run:
         dist.broadcast_buffers(unwrap(self.module))
         if self.ema is not None:
             dist.broadcast_buffers(self.ema.module)
-        res, preds = validate(eval_model, self.val_share, self.device, getattr(self.val_set, "protocol", "freihand"),
-                              text_branch=self.text_branch)
-        if monitor not in res:
+        res, preds = self.validation.run(eval_model, self.device, validate, text_branch=self.text_branch)
+        key = self.validation.monitor_key(monitor)  # data=mix: <monitor set>/<monitor>
+        if key not in res:
             raise KeyError(f"trainer.monitor={monitor!r} is not a validation metric; choose from {sorted(res)}")
         st.history.append({"step": st.step, **res})
-        best = improves(monitor, float(res[monitor]), st)
+        best = improves(monitor, float(res[key]), st)
         if best:
-            st.best_metric, st.best_step = float(res[monitor]), st.step
+            st.best_metric, st.best_step = float(res[key]), st.step
         if self.main:
             for k, v in res.items():
                 self.logger.scalar(f"val/{k}", v, st.step)
-            self.logger.validation_figures(self.val_set, preds, st.step)
+            self.logger.validation_figures(self.validation.monitored, preds, st.step)
             if best:
                 self.checkpoint("best.pt")
             log.info("step %d | %s", st.step, " ".join(f"{k}={v:.4g}" for k, v in res.items()))
@@ -303,7 +313,7 @@ class Run:
                             total_steps=self.total_steps, amp=tcfg.amp, scaler=self.scaler, grad_clip=tcfg.grad_clip,
                             ema=self.ema, log=self.logger.scalar, log_every=int(self.cfg.logger.log_every),
                             on_step=self.on_step, progress=progress,
-                            max_nonfinite_steps=int(tcfg.max_nonfinite_steps))
+                            max_nonfinite_steps=int(tcfg.max_nonfinite_steps), accumulate=self.accumulate)
             epoch_done = st.batch_in_epoch >= self.steps_per_epoch
             if epoch_done and (st.epoch + 1) % int(tcfg.val_every_epochs) == 0 and st.step < self.total_steps:
                 self.last_metrics = self.validate()
@@ -331,6 +341,9 @@ class Run:
         elif not self.last_metrics:
             self.last_metrics = {k: v for k, v in history[-1].items() if k != "step"}
         self.skips.sync(self.device)
+        if not self.holds_out:  # nothing validated: the final weights are the model this run gives
+            self.state.best_step = self.state.step
+            self.checkpoint("best.pt")
         self.checkpoint("last.pt")
         self._write_summary(time.perf_counter() - t_start)
         self.logger.close()
@@ -352,4 +365,5 @@ class Run:
                         "one (each named above); run scripts/check_data.py to list the damaged files", self.skips.total)
         (self.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         log.info("done: %d steps in %.0f s; best %s=%.4g at step %d; checkpoints in %s", st.step, wall,
-                 self.tcfg.monitor, st.best_metric, st.best_step, self.ckpt_dir)
+                 self.validation.monitor_key(self.tcfg.monitor) if self.validation else self.tcfg.monitor,
+                 st.best_metric, st.best_step, self.ckpt_dir)
