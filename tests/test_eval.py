@@ -440,3 +440,18 @@ def test_mean_pose_baseline_from_labels_equals_the_image_based_one_rhd_and_synth
     new = training_mean_uvd(syn, 5)
     for k in new:
         np.testing.assert_allclose(new[k], old[k], atol=2e-6)
+
+
+def test_eval_time_data_keys_reach_the_run_config():
+    """`eval.py ckpt=... +data.test.crop=centre` (no data=NAME) scores the checkpoint's own data config with that
+    key changed; it used to be dropped silently, scoring the framing the run was trained with."""
+    from omegaconf import OmegaConf
+
+    from cliphand3d.evaluation.run import eval_config
+
+    saved = OmegaConf.create({"data": {"name": "freihand", "root": "/old", "img_size": 64,
+                                       "test": {"root": "/old", "crop": "full", "split": "eval"}}})
+    run = eval_config(OmegaConf.create({"data": {"root": None, "test": {"crop": "centre", "centre_fraction": 0.6}},
+                                        "root": None}), saved)
+    assert run.data.test.crop == "centre" and run.data.test.centre_fraction == 0.6
+    assert run.data.test.root == "/old" and run.data.test.split == "eval" and saved.data.test.crop == "full"

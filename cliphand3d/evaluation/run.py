@@ -38,13 +38,17 @@ def eval_batch_size(cfg: DictConfig, model) -> int:
 
 def eval_config(cfg: DictConfig, saved: DictConfig) -> DictConfig:
     """The run's config with eval-time data overrides: `data=NAME` replaces the data group,
-    `root=DIR` (or `data.root=DIR`, the key train.py takes) sets data.root and the root of every split entry."""
+    `root=DIR` (or `data.root=DIR`, the key train.py takes) sets data.root and the root of every split entry;
+    without data=NAME, any other `+data.<key>=...` (e.g. +data.test.crop=centre) changes the run's own data config."""
     run = saved.copy()
     OmegaConf.set_struct(run, False)
     data = cfg.get("data")
     if _data_config_chosen(data):
         run.data = data  # its split entries read ${data.root}, data.root=DIR included
         run.data.img_size = saved.data.img_size  # the model was built for this crop size
+    elif data is not None:
+        changes = {k: v for k, v in OmegaConf.to_container(data, resolve=False).items() if k != "root"}
+        run.data = OmegaConf.merge(run.data, changes)
     root = _eval_root(cfg)
     if root is not None and run.data.get("format") == "synthetic":
         # generated hands read no files: the folder would be ignored and the numbers be the synthetic ones
