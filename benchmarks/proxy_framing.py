@@ -1,5 +1,5 @@
-"""The proxy framing study of issue #19, data to table in one command (docs/RESULTS.md, "Proxy study: framing and
-loss units (#19)"):
+"""The proxy framing study, data to table in one command (docs/RESULTS.md, "Proxy study: framing and
+loss units"):
 
     python benchmarks/proxy_framing.py --data /work/proxy_data [--out multirun/proxy_framing/NAME]
 
