@@ -148,7 +148,7 @@ def test_the_terms_appear_only_where_they_weigh_and_there_are_meshes(data):
 
 def test_build_criterion_hands_the_template_over_when_a_regulariser_weighs(data):
     _, template = data
-    cfg = compose_config("train", ["+loss.weights.edge=1.0", "loss.weights.clip=0"])
+    cfg = compose_config("train", ["loss.weights.edge=1.0", "loss.weights.clip=0"])
     crit = build_criterion(cfg, template)
     assert np.array_equal(crit.graph.edges, template.mesh_graph(cfg.loss.graph_neighbours).edges)
     assert build_criterion(cfg).graph is None  # the released import builds its loss without a template
