@@ -47,6 +47,7 @@ class FpsMeter:
     def __init__(self, clock=time.perf_counter, every_s: float = FPS_LOG_EVERY_S):
         self.clock, self.every_s = clock, every_s
         self.start = self.last_log = clock()
+        self.stopped: float | None = None
         self.frames = 0
 
     def tick(self) -> bool:
@@ -59,7 +60,12 @@ class FpsMeter:
         return False
 
     def elapsed(self) -> float:
-        return self.clock() - self.start
+        return (self.stopped if self.stopped is not None else self.clock()) - self.start
+
+    def stop(self) -> None:
+        """Freeze the clock: the log's closing line and the JSON then report the same rate."""
+        if self.stopped is None:
+            self.stopped = self.clock()
 
     def fps(self) -> float:
         elapsed = self.elapsed()
@@ -134,8 +140,9 @@ def process_video(dm: DemoModel, src: Source, out: Path, box, s: Settings, cap=N
         reader.close()
         cap.release()  # also when no frame was read: the generator's own release runs only once started
         finish_video(writer, flog, meter, stopped)
-    log.info("%s: %d frames at %.1f frames/s", src.name, meter.frames, meter.fps())
-    return {"file": src.name, "frames": meter.frames, "fps_measured": meter.fps(), "stopped_by": stopped}
+    fps = round(meter.fps(), 3)  # as the JSON holds it
+    log.info("%s: %d frames at %.1f frames/s", src.name, meter.frames, fps)
+    return {"file": src.name, "frames": meter.frames, "fps_measured": fps, "stopped_by": stopped}
 
 
 def finish_video(writer, flog: FrameLog | None, meter: FpsMeter, stopped: str | None) -> None:
@@ -143,6 +150,7 @@ def finish_video(writer, flog: FrameLog | None, meter: FpsMeter, stopped: str | 
         if writer is not None:
             writer.release()
     finally:
+        meter.stop()
         if flog is not None:
             flog.close(num_frames=flog.count, fps_measured=round(meter.fps(), 3), stopped_by=stopped)
 
