@@ -54,27 +54,23 @@ def masked_mean(per_sample: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return kept.sum() / mask.sum().clamp(min=1).to(per_sample.dtype)
 
 
+def point_errors(pred: torch.Tensor, target: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+    """The error of each point (l2: (B, N)) or coordinate (l1, smooth_l1: (B, N, 3)) of (B, N, 3) points."""
+    if kind == "l1":
+        return (pred - target).abs()
+    if kind == "l2":
+        return (pred - target).pow(2).sum(-1)
+    if kind == "smooth_l1":
+        return F.smooth_l1_loss(pred, target, beta=0.01, reduction="none")
+    raise ConfigError(f"loss.kind={kind!r} is not one of l1, l2, smooth_l1")
+
+
 def point_error(pred: torch.Tensor, target: torch.Tensor, kind: str = "l1",
                 mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean error over points of (B, N, 3) coordinates (in the loss's units); with a (B,) bool `mask`, the
     mean over the points of the samples it keeps (`masked_mean` of each sample's mean)."""
-    if mask is not None:
-        if kind == "l1":
-            err = (pred - target).abs().mean((1, 2))
-        elif kind == "l2":
-            err = (pred - target).pow(2).sum(-1).mean(1)
-        elif kind == "smooth_l1":
-            err = F.smooth_l1_loss(pred, target, beta=0.01, reduction="none").mean((1, 2))
-        else:
-            raise ConfigError(f"loss.kind={kind!r} is not one of l1, l2, smooth_l1")
-        return masked_mean(err, mask)
-    if kind == "l1":
-        return (pred - target).abs().mean()
-    if kind == "l2":
-        return (pred - target).pow(2).sum(-1).mean()
-    if kind == "smooth_l1":
-        return F.smooth_l1_loss(pred, target, beta=0.01)
-    raise ConfigError(f"loss.kind={kind!r} is not one of l1, l2, smooth_l1")
+    err = point_errors(pred, target, kind)
+    return err.mean() if mask is None else masked_mean(err.flatten(1).mean(1), mask)
 
 
 def bone_frame(uvd: torch.Tensor, batch: Mapping) -> torch.Tensor:
