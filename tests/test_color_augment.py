@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from cliphand3d.data.freihand import FreiHAND
-from cliphand3d.data.transforms import CropAugment, jitter_color
+from cliphand3d.data.transforms import CropAugment, color_matrix, jitter_color
 from cliphand3d.data.writers import write_freihand
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,49 @@ def test_gains_then_brightness_contrast_saturation_known_answer():
     m = 100 * b * a.mean()
     want = m + c * s * (100 * b * a - m)
     out = jitter_color(grey(100), (b, c, s), tuple(a)).reshape(-1, 3).astype(float)
-    assert (np.abs(out - want) <= 1).all() and (out == out[0]).all()  # uint8 truncation: within one level
+    assert (np.abs(out - want) <= 1).all() and (out == out[0]).all()  # uint8 levels: within one
+
+
+def step_by_step(image: np.ndarray, factors, channels) -> np.ndarray:
+    """The colour change as its definition reads, in float64, unrounded and clipped."""
+    img = image.astype(np.float64)
+    if channels is not None:
+        img = img * np.asarray(channels)
+    if factors is not None:
+        b, c, s = factors
+        img = img * b
+        m = img.mean()
+        img = (img - m) * c + m
+        grey = img.mean(axis=2, keepdims=True)
+        img = (img - grey) * s + grey
+    return np.clip(img, 0, 255)
+
+
+def test_one_pass_is_the_step_by_step_definition_rounded_without_bias():
+    """The composed map gives each pixel the definition's value to the nearest level, and no drift: truncating
+    would darken every jittered crop by half a level on average."""
+    rng = np.random.default_rng(0)
+    errors = []
+    for _ in range(20):
+        image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        factors, gains = tuple(1 + rng.uniform(-0.2, 0.2, 3)), tuple(1 + rng.uniform(-0.4, 0.4, 3))
+        for f, g in ((factors, gains), (factors, None), (None, gains)):
+            errors.append((jitter_color(image, f, g) - step_by_step(image, f, g)).ravel())
+    errors = np.concatenate(errors)
+    assert np.abs(errors).max() <= 0.5 + 1e-3  # float32 arithmetic, then the nearest level
+    assert abs(errors.mean()) < 0.02
+
+
+def test_color_matrix_known_answers():
+    np.testing.assert_allclose(color_matrix((10, 20, 30), None, None), np.hstack([np.eye(3), np.zeros((3, 1))]),
+                               atol=1e-15)
+    np.testing.assert_allclose(color_matrix((10, 20, 30), None, (0.5, 1.0, 2.0)),
+                               np.hstack([np.diag([0.5, 1.0, 2.0]), np.zeros((3, 1))]), atol=1e-15)
+    # saturation 0: every channel is the pixel's grey; contrast 0: every pixel is the image mean (b = 2: 40)
+    grey = color_matrix((10, 20, 30), (1.0, 1.0, 0.0), None)
+    np.testing.assert_allclose(grey, np.hstack([np.full((3, 3), 1 / 3), np.zeros((3, 1))]), atol=1e-15)
+    np.testing.assert_allclose(color_matrix((10, 20, 30), (2.0, 0.0, 1.0), None),
+                               np.hstack([np.zeros((3, 3)), np.full((3, 1), 40.0)]), atol=1e-12)
 
 
 def test_off_is_the_identity():

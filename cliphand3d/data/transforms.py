@@ -89,21 +89,32 @@ def denormalize_image(image: torch.Tensor) -> np.ndarray:
     return a.permute(1, 2, 0).numpy()
 
 
+def color_matrix(channel_means, factors: tuple[float, float, float] | None,
+                 channels: tuple[float, float, float] | None = None) -> np.ndarray:
+    """The (3, 4) affine map [L | t] of RGB values that `jitter_color` applies to an image whose channel means
+    are `channel_means`: per-channel gains g, then brightness b, contrast c about the image mean m, saturation
+    s about each pixel's grey (the mean of its channels). Each step is affine in the pixel, so their
+    composition is one map: L = c b (s diag(g) + (1 - s) / 3 * 1 g^T), t = (1 - c) m, m = b mean(g * means)."""
+    g = (1.0, 1.0, 1.0) if channels is None else tuple(float(x) for x in channels)
+    b, c, s = (1.0, 1.0, 1.0) if factors is None else (float(f) for f in factors)
+    m = b * sum(gk * float(mk) for gk, mk in zip(g, channel_means)) / 3.0
+    # plain floats: numpy's per-call overhead on 3 x 4 numbers would cost a quarter of the pass itself
+    rows = [[c * b * ((1.0 - s) / 3.0 + (s if j == k else 0.0)) * g[j] for j in range(3)] + [(1.0 - c) * m]
+            for k in range(3)]
+    return np.array(rows)
+
+
 def jitter_color(image: np.ndarray, factors: tuple[float, float, float] | None,
                  channels: tuple[float, float, float] | None = None) -> np.ndarray:
     """A uint8 RGB image with per-channel gains `channels` (R, G, B), then brightness, contrast and saturation
-    `factors`; either may be None (not applied). One float pass, clipped and truncated to uint8 once."""
-    img = image.astype(np.float32)
-    if channels is not None:
-        img = img * np.asarray(channels, dtype=np.float32)
-    if factors is not None:
-        b, c, s = factors
-        img = img * b
-        mean = img.mean()
-        img = (img - mean) * c + mean
-        gray = img.mean(axis=2, keepdims=True)
-        img = (img - gray) * s + gray
-    return np.clip(img, 0, 255).astype(np.uint8)
+    `factors`; either may be None (not applied). One float32 pass of their composed map (`color_matrix`),
+    rounded to the nearest level and clipped to [0, 255]: a 256 px crop takes 0.1 ms where the step-by-step
+    float passes took 2 ms, most of a loader worker's time."""
+    if factors is None and channels is None:
+        return image
+    # float32 in: OpenCV transforms uint8 with 10-bit fixed-point coefficients, up to 0.4 of a level off
+    out = cv2.transform(image.astype(np.float32), color_matrix(cv2.mean(image)[:3], factors, channels))
+    return cv2.addWeighted(out, 1.0, out, 0.0, 0.0, dtype=cv2.CV_8U)  # saturating, rounding float -> uint8
 
 
 def box_from_mask(mask: np.ndarray) -> tuple[float, float, float]:
