@@ -142,3 +142,24 @@ def test_a_batch_of_items_is_each_item_as_alone(tmp_path):
                 if isinstance(v, torch.Tensor):
                     assert v.dtype == item[k].dtype and torch.equal(v, item[k]), k
         assert torch.equal(batch[0]["image"], ds.__getitems__([(1, 3)])[0]["image"])
+
+
+def test_images_decode_to_the_pixels_of_bgr_then_converted(tmp_path):
+    """read_image decodes straight to RGB where OpenCV can: the same pixels as the BGR decode then cvtColor,
+    for JPEG and PNG, and on FreiHAND's and RHD's own pictures where ../shared has them."""
+    from pathlib import Path
+
+    from cliphand3d.data.base import read_image
+
+    rng = np.random.default_rng(0)
+    picture = cv2.GaussianBlur(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8), (5, 5), 0)
+    files = []
+    for name in ("a.jpg", "a.png"):
+        assert cv2.imwrite(str(tmp_path / name), picture)
+        files.append(tmp_path / name)
+    shared = Path(__file__).resolve().parents[2] / "shared" / "real_samples"
+    files += sorted(shared.glob("freihand/*.jpg")) + sorted(shared.glob("rhd/*.png"))
+    for f in files:
+        want = cv2.cvtColor(cv2.imread(str(f), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        got = read_image(f)
+        assert got.dtype == np.uint8 and np.array_equal(got, want), f

@@ -63,6 +63,10 @@ def check_lengths(lists: dict[str, Any], fix: str) -> int:
     return next(iter(lengths.values()))
 
 
+# OpenCV >= 4.10 decodes straight to RGB (the same pixels as BGR then cvtColor, one pass fewer); older ones
+# decode BGR and convert
+_DECODES_RGB = hasattr(cv2, "IMREAD_COLOR_RGB")
+_IMREAD_RGB = cv2.IMREAD_COLOR_RGB if _DECODES_RGB else cv2.IMREAD_COLOR
 _END_MARKERS = {".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9", ".png": b"IEND\xaeB`\x82"}
 
 
@@ -83,10 +87,10 @@ def read_image(path: str | Path, *, grayscale: bool = False) -> np.ndarray:
     if marker is not None and not data.rstrip(b"\x00").endswith(marker):
         raise DatasetError(f"image is truncated or corrupt: {p}\n  fix: re-download or re-extract this file "
                            "(run scripts/check_data.py to list every damaged file)")
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE if grayscale else cv2.IMREAD_COLOR)
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE if grayscale else _IMREAD_RGB)
     if img is None:
         raise DatasetError(f"image cannot be decoded: {p}\n  fix: re-download or re-extract this file")
-    return img if grayscale else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return img if grayscale or _DECODES_RGB else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
