@@ -50,11 +50,19 @@ def xyz_to_uvd(xyz, K, img_size: int):
 
 def points_to_uvd(xyz, K, img_size: int, root_depth, bone):
     """Any camera points (..., N, 3) (joints or vertices) -> normalised uvd, given the hand's root and bone."""
-    uv = (project(xyz, K) + 0.5) / img_size
-    d = (xyz[..., 2] - root_depth[..., None]) / bone[..., None]
     if isinstance(xyz, torch.Tensor):
-        return torch.cat([uv, d[..., None]], -1)
-    return np.concatenate([uv, d[..., None]], -1)
+        uv = (project(xyz, K) + 0.5) / img_size
+        return torch.cat([uv, ((xyz[..., 2] - root_depth[..., None]) / bone[..., None])[..., None]], -1)
+    # numpy: coordinate planes (..., 3, N), so every step runs over contiguous rows (a loader worker does
+    # this for 778 vertices per hand); the same operations on the same numbers as `project`'s
+    planes = np.swapaxes(np.asarray(xyz) @ np.swapaxes(K, -1, -2), -1, -2).copy()
+    w = planes[..., 2, :].copy()
+    planes[..., 0, :] /= w
+    planes[..., 1, :] /= w
+    planes[..., :2, :] += 0.5
+    planes[..., :2, :] /= img_size
+    planes[..., 2, :] = (np.asarray(xyz)[..., 2] - np.asarray(root_depth)[..., None]) / np.asarray(bone)[..., None]
+    return np.swapaxes(planes, -1, -2)
 
 
 def uvd_to_xyz(uvd, K, img_size: int, root_depth, bone, pixel_offset: float = 0.5):
@@ -126,28 +134,49 @@ def square_box(points_2d: np.ndarray, scale: float = 1.3) -> tuple[float, float,
     return float(c[0]), float(c[1]), max(size, 1.0)
 
 
-def crop_affine(center, size: float, out_size: int, rot_rad: float = 0.0) -> np.ndarray:
+def crop_affine(center, size, out_size: int, rot_rad=0.0) -> np.ndarray:
     """3x3 pixel-to-pixel map taking the square box (center, size) to an out_size crop, rotated by rot_rad.
 
     The box's edges map to the crop's edges (pixel centres at integers on both sides). Positive
     rot_rad turns image content by +rot_rad in the (x right, y down) frame, i.e. clockwise on screen.
+    Batched: center (..., 2), size and rot_rad (...) give (..., 3, 3), each map as alone.
     """
-    s = out_size / size
-    c, si = math.cos(rot_rad), math.sin(rot_rad)
-    # edge coords e = p + 0.5; e' = s * R (e - c_edge) + out/2; p' = e' - 0.5
-    ce = np.array([center[0] + 0.5, center[1] + 0.5])
-    R = np.array([[c, -si], [si, c]]) * s
-    t = -R @ ce + out_size / 2 + R @ np.array([0.5, 0.5]) - 0.5
-    A = np.eye(3)
-    A[:2, :2] = R
-    A[:2, 2] = t
+    center = np.asarray(center, dtype=np.float64)
+    scale = out_size / np.asarray(size, dtype=np.float64)
+    c, si = _cos_sin(rot_rad)
+    # edge coords e = p + 0.5; e' = s R (e - c_edge) + out / 2; p' = e' - 0.5; so p' = s R (p - c) + out / 2 - 0.5
+    r00, r01, r10, r11 = c * scale, -si * scale, si * scale, c * scale
+    cx, cy = center[..., 0], center[..., 1]
+    A = np.zeros(np.broadcast_shapes(cx.shape, r00.shape) + (3, 3))
+    A[..., 0, 0], A[..., 0, 1], A[..., 1, 0], A[..., 1, 1], A[..., 2, 2] = r00, r01, r10, r11, 1.0
+    A[..., 0, 2] = out_size / 2 - 0.5 - (r00 * cx + r01 * cy)
+    A[..., 1, 2] = out_size / 2 - 0.5 - (r10 * cx + r11 * cy)
     return A
 
 
-def rotation_z(rot_rad: float) -> np.ndarray:
-    """Rotation about the camera's optical axis matching `crop_affine`'s image rotation."""
-    c, s = math.cos(rot_rad), math.sin(rot_rad)
-    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+def rotation_z(rot_rad) -> np.ndarray:
+    """Rotation about the camera's optical axis matching `crop_affine`'s image rotation; (..., 3, 3) for
+    angles (...)."""
+    c, s = _cos_sin(rot_rad)
+    R = np.zeros(c.shape + (3, 3))
+    R[..., 0, 0], R[..., 0, 1], R[..., 1, 0], R[..., 1, 1], R[..., 2, 2] = c, -s, s, c, 1.0
+    return R
+
+
+def _cos_sin(rot_rad) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of angles (...) from libm, angle by angle: numpy's vectorised ones may differ in the last
+    bit between CPUs (AVX2 / AVX-512 code paths), and a crop must be the same on every machine."""
+    rot = np.asarray(rot_rad, dtype=np.float64)
+    flat = rot.ravel().tolist()
+    return (np.array([math.cos(r) for r in flat]).reshape(rot.shape),
+            np.array([math.sin(r) for r in flat]).reshape(rot.shape))
+
+
+def warp_crop(image: np.ndarray, A: np.ndarray, out_size: int, border_value=0,
+              interpolation=cv2.INTER_LINEAR) -> np.ndarray:
+    """The out_size x out_size crop of `image` that the 3x3 pixel map `A` (`crop_affine`) makes."""
+    return cv2.warpAffine(image, A[:2], (out_size, out_size), flags=interpolation,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=border_value)
 
 
 def crop_and_rotate(image: np.ndarray, K: np.ndarray, center, size: float, out_size: int,
@@ -159,16 +188,15 @@ def crop_and_rotate(image: np.ndarray, K: np.ndarray, center, size: float, out_s
     K_new = A K R^T (upper triangular when fx == fy and there is no skew).
     """
     A = crop_affine(center, size, out_size, rot_rad)
-    crop = cv2.warpAffine(image, A[:2], (out_size, out_size), flags=interpolation,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=border_value)
     R = rotation_z(rot_rad)
-    return crop, A @ K @ R.T, R
+    return warp_crop(image, A, out_size, border_value, interpolation), A @ K @ R.T, R
 
 
-def crop_intrinsics(K: np.ndarray, center, size: float, out_size: int, rot_rad: float = 0.0):
-    """(K_new, R) of the crop `crop_and_rotate` makes, without an image: labels follow with xyz @ R.T."""
+def crop_intrinsics(K: np.ndarray, center, size, out_size: int, rot_rad=0.0):
+    """(K_new, R) of the crop `crop_and_rotate` makes, without an image: labels follow with xyz @ R.T.
+    Batched as `crop_affine` (K (..., 3, 3)), each as alone."""
     R = rotation_z(rot_rad)
-    return crop_affine(center, size, out_size, rot_rad) @ K @ R.T, R
+    return crop_affine(center, size, out_size, rot_rad) @ K @ np.swapaxes(R, -1, -2), R
 
 
 def mirror_lr(image: np.ndarray | None, xyz: np.ndarray, K: np.ndarray, width: int):

@@ -224,3 +224,38 @@ def test_root_and_bone_from_uvd_keeps_its_constraints_for_any_prediction():
     d = uvd[off, :, 2, None]
     scan = np.linalg.norm((zn + d[:, 0]) * rays[:, 0] - (zn + d[:, 9]) * rays[:, 9], axis=-1).min(0)
     assert np.all(ref[off] / bone[off] <= scan + 1e-12) and np.all(ref[off] / bone[off] > 1.0)
+
+
+def test_crop_maps_batched_are_each_map_as_alone():
+    """crop_affine / rotation_z / crop_intrinsics over a batch (a loader worker's) give every crop's map bit for
+    bit as one call for it alone; the 2D box edges still land on the crop's edges."""
+    rng = np.random.default_rng(4)
+    centres, sides, rots = rng.uniform(0, 300, (9, 2)), rng.uniform(20, 300, 9), rng.uniform(-1.6, 1.6, 9)
+    rots[3] = 0.0
+    K = rng.uniform(100, 500, (9, 3, 3))
+    A, R = G.crop_affine(centres, sides, 64, rots), G.rotation_z(rots)
+    Kc, Rc = G.crop_intrinsics(K, centres, sides, 64, rots)
+    assert A.shape == R.shape == Kc.shape == (9, 3, 3) and np.array_equal(R, Rc)
+    for i in range(9):
+        assert np.array_equal(A[i], G.crop_affine(centres[i], sides[i], 64, rots[i]))
+        assert np.array_equal(R[i], G.rotation_z(rots[i]))
+        assert np.array_equal(Kc[i], G.crop_intrinsics(K[i], centres[i], sides[i], 64, rots[i])[0])
+    edge = G.crop_affine(centres[3], sides[3], 64) @ np.array([*(centres[3] - sides[3] / 2), 1.0])
+    np.testing.assert_allclose(edge[:2], [-0.5, -0.5], atol=1e-9)
+
+
+def test_points_to_uvd_is_the_projection_formula_bit_for_bit():
+    """The numpy path works on coordinate planes for speed; it is the formula (project + 0.5) / S, (z - root) / bone
+    on the same numbers, exactly, for one hand and a stack, and the torch path agrees."""
+    rng = np.random.default_rng(5)
+    for lead in [(), (4,)]:
+        xyz = rng.normal(0, 0.05, lead + (778, 3)) + np.array([0.0, 0.0, 0.6])
+        K = rng.uniform(50, 500, lead + (3, 3))
+        root, bone = rng.uniform(0.5, 0.7, lead), rng.uniform(0.02, 0.04, lead)
+        got = G.points_to_uvd(xyz, K, 64, np.asarray(root), np.asarray(bone))
+        uv = (G.project(xyz, K) + 0.5) / 64
+        d = (xyz[..., 2] - np.asarray(root)[..., None]) / np.asarray(bone)[..., None]
+        assert got.shape == xyz.shape and np.array_equal(got, np.concatenate([uv, d[..., None]], -1))
+        torch_uvd = G.points_to_uvd(torch.from_numpy(xyz), torch.from_numpy(K), 64, torch.as_tensor(root),
+                                    torch.as_tensor(bone))
+        np.testing.assert_allclose(torch_uvd.numpy(), got, rtol=1e-12, atol=1e-12)

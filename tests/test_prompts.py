@@ -69,6 +69,28 @@ def test_ties_keep_joint_index_order_and_torch_input():
     assert out["x"] == out["y"] == out["z"] == DEMO_21
 
 
+@pytest.mark.parametrize("kw", [{}, {"axes": ["z", "x"]}, {"naming": "anatomical"},
+                                {"num_joints": 5}, {"num_joints": 5, "shared_subset": True}, {"joint_subset": [0, 4, 8]}])
+def test_a_batch_of_hands_gets_each_hands_sentences_as_alone(kw):
+    """`batch` (a loader worker's stack of hands) is `__call__` hand by hand, ties and random subsets included."""
+    rng = np.random.default_rng(3)
+    hands = rng.normal(size=(6, NUM_JOINTS, 3))
+    hands[2] = np.round(hands[2], 1)  # ties: kept in joint index order
+    hands[4, :, :] = 0.5  # every joint tied on every axis
+    gen = P.PromptGenerator(**kw)
+    alone = [gen(h, np.random.default_rng(10 + i)) for i, h in enumerate(hands)]
+    assert gen.batch(hands, [np.random.default_rng(10 + i) for i in range(6)]) == alone
+
+
+def test_a_batch_with_a_bad_hand_fails_as_the_hand_alone_does():
+    hands = np.random.default_rng(0).normal(size=(3, NUM_JOINTS, 3))
+    hands[1, 5, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or inf"):
+        P.PromptGenerator().batch(hands, [None] * 3)
+    with pytest.raises(ValueError, match="3 hands but 2 generators"):
+        P.PromptGenerator().batch(hands[[0, 2, 0]], [None] * 2)
+
+
 def test_random_subsets_have_k_names_in_sorted_order():
     j = line_hand()
     tmpl = P.get_template("figure3")

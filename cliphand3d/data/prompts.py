@@ -337,6 +337,21 @@ class PromptGenerator:
             for a in self.axes
         }
 
+    def batch(self, joints_xyz, rngs: Sequence[np.random.Generator | None]) -> list[dict[str, str]]:
+        """`self(joints_xyz[i], rngs[i])` for each hand of a stack (B, 21, 3), each exactly as alone. With every
+        joint in every sentence the hands' joints are sorted in one call (a loader worker's batch); random or
+        fixed subsets, and hands that fail `__call__`'s checks, go one by one."""
+        j = np.asarray(joints_xyz, dtype=np.float64)
+        if (self.num_joints is not None or self.joint_subset is not None or j.ndim != 3
+                or j.shape[1:] != (NUM_JOINTS, 3) or not np.isfinite(j).all()):
+            return [self(x, rng) for x, rng in zip(j, rngs, strict=True)]
+        if len(rngs) != len(j):
+            raise ValueError(f"PromptGenerator.batch: {len(j)} hands but {len(rngs)} generators")
+        cols = [AXES.index(a) for a in self.axes]
+        orders = np.argsort(j[..., cols], axis=1, kind="stable").transpose(0, 2, 1).tolist()
+        names, sentence = self.names, self.template.sentence
+        return [{a: sentence(a, [names[i] for i in order]) for a, order in zip(self.axes, hand)} for hand in orders]
+
     def __repr__(self) -> str:
         return (
             f"PromptGenerator(template={self.template_name!r}, axes={self.axes}, "

@@ -1,6 +1,6 @@
 """The crop pipeline shared by every dataset: box jitter, in-plane rotation, colour, normalisation.
 
-Image and labels go through one affine map (`geometry.crop_and_rotate`), so they cannot drift apart.
+Image and labels go through one affine map (`geometry.crop_affine`), so they cannot drift apart.
 Defaults follow the demo repo's FreiHAND training (DESIGN 1): box scale 1.3, scale jitter +-0.2,
 rotation up to +-90 deg with p=0.6, shift jitter, no flip, optional colour jitter and per-channel gains.
 Every random draw comes from the item's generator (`HandDataset.rng_for`), so a crop is a function of
@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import torch
 
-from ..geometry import crop_and_rotate, crop_intrinsics, points_to_uvd, square_box, xyz_to_uvd
+from ..geometry import crop_affine, crop_intrinsics, points_to_uvd, square_box, warp_crop, xyz_to_uvd
 from ..runtime import to_device
 from .sample import RawSample
 
@@ -142,7 +142,7 @@ def crop_box(box: tuple[float, float, float], params: dict) -> tuple[tuple[float
 
 def crop_frame(box: tuple[float, float, float], augment: CropAugment | None,
                rng: np.random.Generator | None) -> tuple[tuple[float, float], float, float]:
-    """(centre, side, rotation) of the crop `augment` draws from `rng` about `box`: the crop `sample_crop`
+    """(centre, side, rotation) of the crop `augment` draws from `rng` about `box`: the crop `sample_crops`
     makes from the same draw (two-pass framing maps predictions on it back to the image, data/reframe.py)."""
     p = (augment if augment is not None else EVAL_CROP).sample(rng)
     center, side = crop_box(box, p)
@@ -188,32 +188,42 @@ def label_tensors(labels: dict) -> dict:
     return out
 
 
-def sample_crop(raw: RawSample, img_size: int, augment: CropAugment | None,
-                rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(uint8 crop, its K, the rotation R its labels take): one sample's augmentation drawn from `rng`."""
-    p = (augment if augment is not None else EVAL_CROP).sample(rng)
-    center, side = crop_box(raw.box, p)
-    crop, K, R = crop_and_rotate(raw.image, raw.K, center, side, img_size, p["rot"])
-    if p["color"] is not None or p.get("channels") is not None:
-        crop = jitter_color(crop, p["color"], p.get("channels"))
-    return crop, K, R
+def sample_crops(raws: list[RawSample], img_size: int, augment: CropAugment | None,
+                 rngs: list) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """(uint8 crops, their K (B, 3, 3), the rotations R (B, 3, 3) their labels take): each sample's augmentation
+    drawn from its rng, the crops' maps computed at once (`geometry.crop_affine` batched, each as alone)."""
+    aug = augment if augment is not None else EVAL_CROP
+    params = [aug.sample(rng) for rng in rngs]
+    frames = [crop_box(raw.box, p) for raw, p in zip(raws, params)]
+    centres, sides = np.array([f[0] for f in frames]), np.array([f[1] for f in frames])
+    rots = np.array([p["rot"] for p in params])
+    maps = crop_affine(centres, sides, img_size, rots)
+    K, R = crop_intrinsics(np.stack([raw.K for raw in raws]), centres, sides, img_size, rots)
+    crops = []
+    for raw, p, A in zip(raws, params, maps):
+        crop = warp_crop(raw.image, A, img_size)
+        if p["color"] is not None or p["channels"] is not None:
+            crop = jitter_color(crop, p["color"], p["channels"])
+        crops.append(crop)
+    return crops, K, R
 
 
 def build_items(raws: list[RawSample], *, indices: list[int], img_size: int, augment: CropAugment | None = None,
                 prompts=None, rngs: list) -> list[dict]:
     """Raw samples -> items of docs/conventions.md (crop, labels in the crop's camera, prompts). Each image is
-    cropped on its own; the labels of all are computed at once (a loader worker's batch), each item's
-    exactly as alone. Each item's rng draws its augmentation, then its prompts."""
-    crops = [sample_crop(raw, img_size, augment, rng) for raw, rng in zip(raws, rngs)]
+    cropped on its own; the crops' maps and the labels of all are computed at once (a loader worker's batch),
+    each item's exactly as alone. Each item's rng draws its augmentation, then its prompts."""
+    crops, K, R = sample_crops(raws, img_size, augment, rngs)
     with_verts = all(raw.verts is not None for raw in raws)
-    labels = crop_labels(np.stack([raw.xyz for raw in raws]), np.stack([c[1] for c in crops]),
-                         np.stack([c[2] for c in crops]), img_size,
+    labels = crop_labels(np.stack([raw.xyz for raw in raws]), K, R, img_size,
                          np.stack([raw.verts for raw in raws]) if with_verts else None)
-    tensors = label_tensors(labels)
+    # unbind: every item's views in one call (indexing 7 tensors per item costs more than its labels)
+    per_item = {k: v.unbind(0) for k, v in label_tensors(labels).items()}
+    sentences = prompts.batch(labels["joints_xyz"], rngs) if prompts is not None else [{} for _ in raws]
     items = []
-    for i, (raw, rng, (crop, _, _)) in enumerate(zip(raws, rngs, crops)):
-        item = {"image": image_tensor(crop), **{k: v[i] for k, v in tensors.items()}}
-        item["prompts"] = prompts(labels["joints_xyz"][i], rng) if prompts is not None else {}
+    for i, (raw, crop) in enumerate(zip(raws, crops)):
+        item = {"image": image_tensor(crop), **{k: v[i] for k, v in per_item.items()}}
+        item["prompts"] = sentences[i]
         item["meta"] = {"index": int(indices[i]), "file": raw.file}
         if raw.visible is not None:
             item["visible"] = torch.as_tensor(np.asarray(raw.visible, dtype=bool))
