@@ -220,6 +220,32 @@ def test_memory_and_stream_rows(full_run):
     assert total["value"] == pytest.approx(raw["first_s"] + 3 * harness.median(raw["intervals"]))  # 3 batches of 4
 
 
+def test_loader_rows_say_which_pictures_were_decoded(full_run):
+    _, res = full_run
+    rows = by_name(res["rows"])
+    for fmt in ("freihand", "rhd"):
+        assert "the fixture's synthetic renders" in rows[("loader", f"{fmt} bare decode")]["note"]
+
+
+def test_photos_are_copied_in_turn_over_the_fixture_pictures(tmp_path):
+    from cliphand3d.apps.benchmark.loader import put_photos
+
+    photos, fixture = tmp_path / "photos", tmp_path / "fixture"
+    photos.mkdir()
+    fixture.mkdir()
+    for name, data in (("b.jpg", b"second"), ("a.jpg", b"first"), ("c.png", b"not a jpeg")):
+        (photos / name).write_bytes(data)
+    files = [str(fixture / f"{k:08d}.jpg") for k in range(3)]
+    for f in files:
+        Path(f).write_bytes(b"render")
+    assert put_photos(files, None, "freihand") == "the fixture's synthetic renders"
+    assert all(Path(f).read_bytes() == b"render" for f in files)
+    assert put_photos(files, str(photos), "freihand") == f"2 photos from {photos}"
+    assert [Path(f).read_bytes() for f in files] == [b"first", b"second", b"first"]
+    with pytest.raises(ConfigError, match=r"loader.photos.freihand=.*no .jpg files"):
+        put_photos(files, str(fixture / "nowhere"), "freihand")
+
+
 @pytest.mark.slow
 def test_option_variants_that_change_nothing_are_not_timed(full_run):
     _, res = full_run

@@ -460,6 +460,13 @@ def _(ctx):
                       printed(lambda: bench.bench_train_step(cfg, torch.device("cpu"), {}))])
 
 
+@faq("benchmark-photos")
+def _(ctx):
+    from cliphand3d.apps.benchmark.loader import put_photos
+
+    return printed(lambda: put_photos([str(ctx.tmp / "00000000.jpg")], str(ctx.tmp / "no_photos"), "freihand"))
+
+
 @faq("ema-decay")
 def _(ctx):
     from cliphand3d.train.ema import ModelEMA

@@ -2,6 +2,7 @@
 files and beside what one training step consumes."""
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from torch.utils.data import default_collate
 
 from ...build import build_datasets, build_prompts, compose_config
 from ...data import writers
+from ...errors import ConfigError
 from .harness import Rows, interleave, median, num_threads, per_s, timed
 from .runs import StepRunner, train_overrides
 
@@ -27,6 +29,7 @@ def bench_loader(cfg: DictConfig, device: torch.device, shared: dict) -> tuple[l
     with tempfile.TemporaryDirectory(prefix="cliphand3d_bench_") as tmp:
         for fmt, overrides in s.formats.items():
             dataset, files = loader_dataset(cfg, fmt, overrides, Path(tmp))
+            source = put_photos(files, (s.get("photos") or {}).get(fmt), fmt)
             raw[fmt] = loader_pair(dataset, files, int(s.crops), int(s.rounds), int(s.warmup), consume["batch"])
             worker = median(raw[fmt]["item"]) / raw[fmt]["n"]
             rows.add(f"{fmt} worker", 1e3 * worker, "ms/crop", per_s(1, worker, "crops"))
@@ -37,10 +40,28 @@ def bench_loader(cfg: DictConfig, device: torch.device, shared: dict) -> tuple[l
                        "crops/s one worker delivers over crops/s a step takes")
             if files:
                 decode = median(raw[fmt]["decode"]) / raw[fmt]["n"]
-                rows.add(f"{fmt} bare decode", 1e3 * decode, "ms/crop", f"cv2.imread of the {Path(files[0]).suffix} files")
+                rows.add(f"{fmt} bare decode", 1e3 * decode, "ms/crop",
+                         f"cv2.imread of the {Path(files[0]).suffix} files ({source})")
                 rows.ratio(f"{fmt} per-crop cost / decode", f"{fmt} worker", f"{fmt} bare decode",
                            "the decode is the floor")
     return rows.items, raw
+
+
+def put_photos(files: list[str], folder, fmt: str) -> str:
+    """Copy the image files of `folder` (loader.photos.<fmt>), in turn, over the fixture's `files`, so the worker
+    and the bare decode read real pictures; returns what the files hold, for the rows' notes. A render
+    decodes faster than a photo of the same size (less detail to entropy-decode), so the same per-crop
+    work beside it weighs more: the ratio depends on the pictures, and the rows say which they were."""
+    if not folder:
+        return "the fixture's synthetic renders"
+    suffix = Path(files[0]).suffix if files else ""
+    photos = sorted(p for p in Path(folder).expanduser().glob(f"*{suffix}") if p.is_file()) if suffix else []
+    if not photos:
+        raise ConfigError(f"loader.photos.{fmt}={folder}: no {suffix or 'image'} files there.\n  fix: name a folder "
+                          f"of {fmt}'s own images (e.g. a FreiHAND training/rgb folder), or null for the fixture's")
+    for k, file in enumerate(files):
+        shutil.copyfile(photos[k % len(photos)], file)
+    return f"{len(photos)} photos from {folder}"
 
 
 def batch_bytes(dataset, batch_size: int) -> tuple[int, str]:
