@@ -92,7 +92,7 @@ def test_resume_refuses_what_changes_the_data_position_or_the_optimisation():
 
     cfg = _composed()
     # every key a resume may change is a real key (a typo would let nothing through silently)
-    assert all(config_value(cfg, k) != "<absent>" for k in RESUME_MAY_CHANGE)
+    assert all(config_value(cfg, k) != "<absent>" for k in RESUME_MAY_CHANGE if "*" not in k)
     saved = {"config": cfg, "train_state": {"step": 7, "batch_in_epoch": 7, "world_size": 2, "batch_size": 32}}
     check = lambda c, world=2, bs=32: resume_mismatches(saved, c, world_size=world, batch_size=bs)  # noqa: E731
     assert check(cfg) == []
@@ -109,6 +109,14 @@ def test_resume_refuses_what_changes_the_data_position_or_the_optimisation():
     assert [x for x in lines if not x.startswith("data.")] == [
         "optim.lr: saved 0.001, now 0.01", "seed: saved 0, now 3", "trainer.ema_decay: saved None, now 0.9",
         "trainer.max_steps: saved 900, now 1000", "trainer.monitor: saved 'pa_mpjpe_mm', now 'mpjpe_mm'"]
+    # under data=mix each set has its own skip_bad, which may change as data.skip_bad may; a set's weight may not
+    mix = _composed("data=mix")
+    assert all(config_value(mix, k.replace("*", "rhd")) != "<absent>" for k in RESUME_MAY_CHANGE if "*" in k)
+    saved_mix = {**saved, "config": mix}
+    assert resume_mismatches(saved_mix, _composed("data=mix", "data.sets.rhd.skip_bad=true"), world_size=2,
+                             batch_size=32) == []
+    assert resume_mismatches(saved_mix, _composed("data=mix", "data.sets.rhd.weight=2"), world_size=2,
+                             batch_size=32) == ["data.sets.rhd.weight: saved 1.0, now 2"]
     # a checkpoint from before the position was qualified cannot be checked: refused, saying why
     old = {"config": cfg, "train_state": {"step": 7, "batch_in_epoch": 7}}
     (line,) = resume_mismatches(old, cfg, world_size=2, batch_size=32)

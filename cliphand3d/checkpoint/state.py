@@ -191,7 +191,7 @@ def compare_configs(saved: Mapping[str, Any], current: Mapping[str, Any],
     """Sorted dotted keys under the top-level groups `keys` (None: all) whose values differ.
 
     A key present on one side only counts as differing. Lists compare as whole values. `ignore`:
-    dotted keys left out, with everything under them.
+    dotted keys left out, with everything under them; a `*` part matches any one key (data.sets.*.skip_bad).
     """
     saved, current = config_to_container(saved), config_to_container(current)
     groups = sorted(set(saved) | set(current)) if keys is None else list(keys)
@@ -200,8 +200,13 @@ def compare_configs(saved: Mapping[str, Any], current: Mapping[str, Any],
         if g not in saved and g not in current:
             continue
         _diff(saved.get(g, _MISSING), current.get(g, _MISSING), g, out)
-    skip = tuple(ignore)
-    return [k for k in out if not any(k == i or k.startswith(i + ".") for i in skip)]
+    skip = [i.split(".") for i in ignore]
+    return [k for k in out if not any(_under(k.split("."), i) for i in skip)]
+
+
+def _under(key: list[str], pattern: list[str]) -> bool:
+    """Whether dotted key `key` is `pattern` or lies under it, `*` in the pattern matching any one part."""
+    return len(key) >= len(pattern) and all(p in ("*", k) for p, k in zip(pattern, key))
 
 
 def constructor_defaults(target: str) -> dict[str, Any]:

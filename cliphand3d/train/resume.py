@@ -82,6 +82,7 @@ RESUME_MAY_CHANGE = (
     "trainer.max_nonfinite_steps",                    # only decides when a failing run stops
     "trainer.final_eval",                             # scores best.pt after training, trains nothing
     "data.skip_bad", "data.train.skip_bad",           # only decides whether an unreadable file stops the run
+    "data.sets.*.skip_bad", "data.sets.*.train.skip_bad",  # the same, per set of a data=mix
 )
 
 
