@@ -208,6 +208,12 @@ def test_what_input_names(tmp_path, monkeypatch):
     (src,) = inputs.list_sources("rtsp://me:secret@192.0.2.7:554/live/cam1.sdp")
     assert src.live and src.stem == "cam1" and src.name == "rtsp://me:***@192.0.2.7:554/live/cam1.sdp"
     assert src.target == "rtsp://me:secret@192.0.2.7:554/live/cam1.sdp"
+    # secrets in the query string too (tokens, signed URLs); other parameters stay readable
+    assert inputs.shown_url("https://cam.example/live.m3u8?fps=30&access_token=abc.def&Key=k1#t") == \
+        "https://cam.example/live.m3u8?fps=30&access_token=***&Key=***#t"
+    assert inputs.shown_url("https://b.s3.example/v.mp4?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=9f&X-Amz-Expires=60") \
+        == "https://b.s3.example/v.mp4?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Expires=60"
+    assert inputs.shown_url("rtsp://u:p@h/s?password=x;auth=y&keyframe=1") == "rtsp://u:***@h/s?password=***;auth=***&keyframe=1"
     (tmp_path / "3").mkdir()  # an existing folder named like a camera index is a folder
     assert inputs.live_target("3") is None
     with pytest.raises(ConfigError, match="max_frames=0: expected a whole number"):

@@ -193,9 +193,17 @@ def live_target(value) -> int | str | None:
     return text if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text) else None
 
 
+# query parameters that carry secrets: tokens, keys, passwords, signed-URL signatures and credentials
+_SECRET_PARAM = re.compile(r"(?i)(?:x-amz-)?(?:[\w.-]*(?:token|secret|signature|password|passwd|credential)s?"
+                           r"|key|apikey|api_key|pwd|pass|auth|sig|session|sessionid)")
+
+
 def shown_url(url: str) -> str:
-    """A URL as reports and the JSON show it: a password in it is masked."""
-    return re.sub(r"^([^:/]+://[^:/@]+):[^@/]*@", r"\1:***@", url)
+    """A URL as reports and the JSON show it: a password in it is masked, and the values of query parameters
+    that carry secrets (access_token=, key=, X-Amz-Signature=, ...); the other parameters stay readable."""
+    url = re.sub(r"^([^:/]+://[^:/@]+):[^@/]*@", r"\1:***@", url)
+    return re.sub(r"([?&;])([^=&;#]+)=([^&;#]*)",
+                  lambda m: f"{m[1]}{m[2]}=***" if _SECRET_PARAM.fullmatch(m[2]) else m[0], url)
 
 
 def list_sources(value) -> list[Source]:
