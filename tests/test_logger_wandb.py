@@ -155,6 +155,21 @@ def test_the_run_folder_holds_the_wandb_files_and_other_ranks_open_no_run(tmp_pa
     assert history[7][("train/loss",)] == 0.5
 
 
+def test_a_run_that_stops_failing_is_a_failed_wandb_run(tmp_path, monkeypatch):
+    """A run stopped by its guards (a non-finite loss) closes its logger as failed: W&B's exit record carries
+    exit code 1, so the dashboard shows it failed, not finished; a run that ends well exits 0."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    codes = {}
+    for failed in (False, True):
+        logger = RunLogger(tmp_path / str(failed), tensorboard=False, wandb={"mode": "offline"}, config={})
+        logger.scalar("train/loss", 1.0, 1)
+        logger.close(failed=failed)
+        wandb.teardown()
+        (log_file,) = (tmp_path / str(failed)).glob("wandb/offline-run-*/run-*.wandb")
+        codes[failed] = [r.exit.exit_code for r in wandb_records(log_file) if r.WhichOneof("record_type") == "exit"]
+    assert codes == {False: [0], True: [1]}
+
+
 def test_a_run_resumes_under_another_logger():
     """The logger is one config group, and a run started with one member resumes under any other (a run
     trained offline continues on W&B, or a W&B run continues without it)."""

@@ -66,7 +66,7 @@ class TensorBoardSink:
     def image(self, tag: str, image: np.ndarray, step: int) -> None:
         self.writer.add_image(tag, image, step, dataformats="HWC")
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
@@ -109,8 +109,8 @@ class WandbSink:
     def image(self, tag: str, image: np.ndarray, step: int) -> None:
         self.run.log({tag: self.wandb.Image(image)}, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)  # W&B shows a run that exits non-zero as failed
 
 
 class RunLogger:
@@ -162,7 +162,8 @@ class RunLogger:
                 sink.image("val/samples", samples, step)
             sink.image("val/pck", pck, step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close every sink; failed=True: the run stopped short (W&B marks it failed)."""
         for sink in self.sinks:
-            sink.close()
+            sink.close(failed)
         self.sinks = []

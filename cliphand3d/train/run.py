@@ -330,7 +330,7 @@ class Run:
                 self._loop(progress)
         except NonFiniteLossError as e:
             progress.close()
-            self.logger.close()
+            self.logger.close(failed=True)
             log.error("%s", e)
             raise SystemExit(str(e)) from None
         finally:
