@@ -135,6 +135,14 @@ def test_offline_training_run_logs_what_tensorboard_logs(tmp_path, monkeypatch):
     assert config == yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["logger"]["wandb"]["name"] == config["name"] and config["run_dir"] == str(run_dir)
 
+    # resumed (resume=auto), the run continues its W&B run: a second offline segment with the same run id
+    first_id = folder.name.rsplit("-", 1)[1]
+    assert (run_dir / "wandb_run_id").read_text().strip() == first_id
+    train(compose_config("train", [f"run_dir={run_dir}", *TINY, "resume=auto"]))
+    wandb.teardown()
+    segments = sorted((tmp_path / "wb").glob("wandb/offline-run-*"))
+    assert len(segments) == 2 and {p.name.rsplit("-", 1)[1] for p in segments} == {first_id}
+
 
 def test_the_run_folder_holds_the_wandb_files_and_other_ranks_open_no_run(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_DIR", raising=False)

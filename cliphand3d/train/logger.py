@@ -81,23 +81,33 @@ def import_wandb():
     return wandb
 
 
+WANDB_ID_FILE = "wandb_run_id"  # in the run folder: the W&B run a resumed training run continues
+
+
 class WandbSink:
     """One W&B run: the scalars at the training step (W&B's x axis is the same step TensorBoard shows), the
     images as W&B images, the resolved `config` as the run's config. `mode` None leaves it to WANDB_MODE (else
     online); offline runs are uploaded later with `wandb sync <dir>/wandb/offline-run-*`. `dir` None: WANDB_DIR,
-    else the run folder, so a run's W&B files sit beside its checkpoints."""
+    else the run folder, so a run's W&B files sit beside its checkpoints. The run's W&B id is kept in the run
+    folder (WANDB_ID_FILE); `resume`: a resumed training run continues that W&B run instead of opening another."""
 
     def __init__(self, run_dir: str | Path, *, project: str | None = "cliphand3d", entity: str | None = None,
                  mode: str | None = None, dir: str | None = None, name: str | None = None,
-                 config: Mapping | None = None):
+                 config: Mapping | None = None, resume: bool = False):
         self.wandb = import_wandb()
         if dir is None and not os.environ.get("WANDB_DIR"):
             dir = str(run_dir)
         if dir is not None:
             Path(dir).mkdir(parents=True, exist_ok=True)  # W&B falls back to a temp folder when it is missing
+        id_file = Path(run_dir) / WANDB_ID_FILE
+        earlier = id_file.read_text().strip() if resume and id_file.is_file() else None
         self.run = self.wandb.init(project=project, entity=entity, mode=mode, dir=dir, name=name,
-                                   config=dict(config) if config is not None else None)
-        log.info("W&B run %s (mode %s) in %s", self.run.id, self.run.settings.mode, self.run.dir)
+                                   config=dict(config) if config is not None else None,
+                                   id=earlier or None, resume="allow" if earlier else None)
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(self.run.id + "\n")
+        log.info("W&B run %s (mode %s%s) in %s", self.run.id, self.run.settings.mode,
+                 ", continued" if earlier else "", self.run.dir)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         # W&B merges every log call of one step into one history row and writes it when the step moves on
@@ -116,11 +126,11 @@ class WandbSink:
 class RunLogger:
     """`tensorboard`: event files in <run_dir>/tb. `wandb`: WandbSink's keywords (project, entity, mode, dir,
     name), None for no W&B run. `config`: the resolved run config, W&B's run config (TensorBoard needs none: the
-    run folder holds config.yaml)."""
+    run folder holds config.yaml). `resume`: the run continues from a checkpoint (its W&B run continues too)."""
 
     def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True,
                  wandb: Mapping | None = None, config: Mapping | None = None, num_images: int = 8,
-                 samples_per_group: int = 3):
+                 samples_per_group: int = 3, resume: bool = False):
         self.enabled = enabled
         self.num_images = num_images
         self.samples_per_group = samples_per_group  # tiles per row of val/samples (best, median, worst)
@@ -128,7 +138,7 @@ class RunLogger:
         if enabled and tensorboard:
             self.sinks.append(TensorBoardSink(Path(run_dir) / "tb"))
         if enabled and wandb is not None:
-            self.sinks.append(WandbSink(run_dir, config=config, **wandb))
+            self.sinks.append(WandbSink(run_dir, config=config, resume=resume, **wandb))
 
     def progress(self, total: int, initial: int = 0):
         if not self.enabled:

@@ -228,7 +228,8 @@ class Run:
     def _open_logs(self) -> None:
         lcfg = OmegaConf.to_container(self.cfg.logger, resolve=True)
         self.logger = RunLogger(self.run_dir, enabled=self.main, tensorboard=bool(lcfg["tensorboard"]),
-                                wandb=lcfg.get("wandb"), config=OmegaConf.to_container(self.cfg, resolve=True))
+                                wandb=lcfg.get("wandb"), config=OmegaConf.to_container(self.cfg, resolve=True),
+                                resume=self.resume_path is not None)
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
