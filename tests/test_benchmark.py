@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from cliphand3d.apps.benchmark import harness, runs
+from cliphand3d.apps.benchmark.loader import put_photos
 from cliphand3d.apps.benchmark import run as bench
 from cliphand3d.apps.benchmark.inference import ONNX_EXTRA
 from cliphand3d.build import CONFIGS, compose_config
@@ -228,8 +229,6 @@ def test_loader_rows_say_which_pictures_were_decoded(full_run):
 
 
 def test_photos_are_copied_in_turn_over_the_fixture_pictures(tmp_path):
-    from cliphand3d.apps.benchmark.loader import put_photos
-
     photos, fixture = tmp_path / "photos", tmp_path / "fixture"
     photos.mkdir()
     fixture.mkdir()

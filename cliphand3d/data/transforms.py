@@ -217,7 +217,7 @@ def build_items(raws: list[RawSample], *, indices: list[int], img_size: int, aug
     with_verts = all(raw.verts is not None for raw in raws)
     labels = crop_labels(np.stack([raw.xyz for raw in raws]), K, R, img_size,
                          np.stack([raw.verts for raw in raws]) if with_verts else None)
-    # unbind: every item's views in one call (indexing 7 tensors per item costs more than its labels)
+    # each key's per-item views in one call (unbind), not one indexing call per item and key
     per_item = {k: v.unbind(0) for k, v in label_tensors(labels).items()}
     sentences = prompts.batch(labels["joints_xyz"], rngs) if prompts is not None else [{} for _ in raws]
     items = []
