@@ -13,9 +13,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from cliphand3d.apps.benchmark import harness, runs
-from cliphand3d.apps.benchmark.loader import put_photos
 from cliphand3d.apps.benchmark import run as bench
 from cliphand3d.apps.benchmark.inference import ONNX_EXTRA
+from cliphand3d.apps.benchmark.loader import put_photos
 from cliphand3d.build import CONFIGS, compose_config
 from cliphand3d.errors import ConfigError
 
