@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
 from cliphand3d.build import build_datasets, build_template, compose_config, monitor_set
@@ -217,8 +218,13 @@ def test_a_mixed_run_validates_every_set_and_resumes_exactly(roots, tmp_path, mo
     stated = ["data.sets.rhd.weight=2", "data.monitor_set=rhd", "trainer.monitor=epe_mean_mm", "trainer.max_steps=6",
               "trainer.ckpt_every_steps=1", "trainer.record_samples=true"]
     full, killed = tmp_path / "full", tmp_path / "killed"
-    last = run_module.train(over(full, *stated))
+    last = run_module.train(over(full, *stated, "logger.tensorboard=true"))
     assert "data.monitor_set=rhd (val/rhd/epe_mean_mm)" in caplog.text  # the log states what chooses best.pt
+    # every set's pictures, under its own name, at each validation
+    events = EventAccumulator(str(full / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    assert {t: sorted(e.step for e in events.Images(t)) for t in events.Tags()["images"]} == {
+        f"val/{name}/{kind}": [4, 6] for name in ("freihand", "rhd") for kind in ("skeletons", "samples", "pck")}
     # each set with its own protocol: FreiHAND's mesh metrics, RHD's hand3d EPE; no metric without its set
     assert {"freihand/pa_mpjpe_mm", "freihand/f5", "rhd/epe_mean_mm", "rhd/auc_20_50"} <= set(last)
     assert "rhd/f5" not in last and "pa_mpjpe_mm" not in last

@@ -149,9 +149,10 @@ class RunLogger:
         for sink in self.sinks:
             sink.scalar(tag, float(value), step)
 
-    def validation_figures(self, dataset, preds: dict, step: int) -> None:
+    def validation_figures(self, dataset, preds: dict, step: int, prefix: str = "val/") -> None:
         """Predicted skeletons on the first validation crops (over the true one, and alone), the best /
-        median / worst samples (eval.py's samples.png) and the protocol's PCK curve."""
+        median / worst samples (eval.py's samples.png) and the protocol's PCK curve, as <prefix>skeletons,
+        <prefix>samples and <prefix>pck (data=mix: val/<set>/...)."""
         if not self.sinks:
             return
         n = min(self.num_images, len(preds["pred_xyz"]))
@@ -167,10 +168,10 @@ class RunLogger:
         pck = figure_rgb(pck_curve_figure(protocol, {"model": preds["pred_xyz"]}, preds, title))
         for sink in self.sinks:
             if tiles:
-                sink.images("val/skeletons", tiles, step)
+                sink.images(f"{prefix}skeletons", tiles, step)
             if samples is not None:
-                sink.image("val/samples", samples, step)
-            sink.image("val/pck", pck, step)
+                sink.image(f"{prefix}samples", samples, step)
+            sink.image(f"{prefix}pck", pck, step)
 
     def close(self, failed: bool = False) -> None:
         """Close every sink; failed=True: the run stopped short (W&B marks it failed)."""

@@ -291,7 +291,9 @@ class Run:
         if self.main:
             for k, v in res.items():
                 self.logger.scalar(f"val/{k}", v, st.step)
-            self.logger.validation_figures(self.validation.monitored, preds, st.step)
+            for name, set_preds in preds.items():  # data=mix: every set's pictures, under val/<set>/
+                self.logger.validation_figures(self.validation.sets[name], set_preds, st.step,
+                                               prefix=f"val/{self.validation.key(name, '')}")
             if best:
                 self.checkpoint("best.pt")
             log.info("step %d | %s", st.step, " ".join(f"{k}={v:.4g}" for k, v in res.items()))

@@ -30,11 +30,6 @@ class Validation:
                         loader(ds, bs, sampler=shard_positions(len(ds), bs, rank, world))
                         for name, ds in self.sets.items()}
 
-    @property
-    def monitored(self):
-        """The val set that chooses best.pt (its predictions are the ones `run` returns, for the figures)."""
-        return self.sets[self.monitor_set]
-
     def key(self, name: str, metric: str) -> str:
         return f"{name}/{metric}" if name else metric
 
@@ -51,14 +46,12 @@ class Validation:
                 f"(val/{self.monitor_key(monitor)})")
 
     def run(self, model, device, score: Callable, text_branch=None) -> tuple[dict, dict]:
-        """(metrics of every set, named by `key`; the monitor set's predictions: rank 0's, {} elsewhere), each set
-        scored by `score` (evaluation/scoring.validate, as train/run.py names it). Every rank calls it, the sets in
-        the same order (each validation is a collective)."""
-        res, monitored = {}, {}
+        """(metrics of every set, named by `key`; {set name: its predictions}, rank 0's, {} each elsewhere), each
+        set scored by `score` (evaluation/scoring.validate, as train/run.py names it). Every rank calls it, the
+        sets in the same order (each validation is a collective)."""
+        res, predictions = {}, {}
         for name, ds in self.sets.items():
-            metrics, preds = score(model, self.loaders[name], device, getattr(ds, "protocol", "freihand"),
-                                   text_branch=text_branch)
+            metrics, predictions[name] = score(model, self.loaders[name], device, getattr(ds, "protocol", "freihand"),
+                                               text_branch=text_branch)
             res.update({self.key(name, k): v for k, v in metrics.items()})
-            if name == self.monitor_set:
-                monitored = preds
-        return res, monitored
+        return res, predictions
