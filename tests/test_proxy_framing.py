@@ -63,14 +63,15 @@ def test_the_seed_changes_only_the_seed():
     assert diff and all(k == "seed" or k.endswith(".seed") for k in diff), diff
 
 
-@pytest.mark.parametrize("name,crop,framing", [("full", "full", "single"), ("centre", "centre", "single"),
-                                               ("two_pass", "centre", "two_pass")])
-def test_each_test_framing_reaches_eval_py_as_intended(name, crop, framing):
+@pytest.mark.parametrize("name,crop,framing,scale", [("full", "full", "single", 1.3), ("centre", "centre", "single", 1.3),
+                                                     ("two_pass", "centre", "two_pass", 1.3),
+                                                     ("two_pass_1.45", "centre", "two_pass", 1.45)])
+def test_each_test_framing_reaches_eval_py_as_intended(name, crop, framing, scale):
     saved = arm_config("mask_metric")  # a checkpoint stores its config resolved
     cfg = compose_in("eval", ["ckpt=/tmp/unused.pt", "data=freihand", "root=/data/proxy", "data.versions=[0,1]",
                               "data.val_fraction=0.05", *proxy.FRAMINGS[name]])
     run = eval_config(cfg, saved)
-    assert cfg.framing == framing
+    assert cfg.framing == framing and cfg.two_pass_scale == scale
     assert run.data.test.crop == crop and run.data.test.root == "/data/proxy"
     # as trained: the model's crop size, and the training hands the mean-pose baseline averages
     assert run.data.img_size == 64 and list(run.data.train.versions) == [0, 1] and run.data.train.val_fraction == 0.05
