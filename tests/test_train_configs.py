@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from cliphand3d.data.writers import write_freihand, write_rhd
 from cliphand3d.errors import ConfigError
+from cliphand3d.train.logger import RunLogger
 from cliphand3d.train.run import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -100,10 +101,14 @@ def test_non_finite_loss_stops_with_step_and_terms_and_keeps_last_good_checkpoin
         return terms
 
     monkeypatch.setattr(CLIPHand3DLoss, "forward", poisoned)
+    closed = []  # the logger is closed as failed (W&B shows the run failed, not finished)
+    close = RunLogger.close
+    monkeypatch.setattr(RunLogger, "close", lambda self, failed=False: closed.append(failed) or close(self, failed))
     overrides = [f"run_dir={tmp_path}", *TINY, "data.num_train=32", "data.num_val=8", "data.num_verts=200",
                  "model_template.build.levels=[40,80,120]", "trainer.max_steps=6"]
     with pytest.raises(SystemExit, match=r"non-finite loss at step 3 \(terms: \['verts'\]\)"):
         train(compose_train(overrides))
+    assert closed == [True]
     saved = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert saved["train_state"]["step"] == 3  # the last good step; nothing after the NaN was saved
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
