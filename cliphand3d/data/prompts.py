@@ -329,9 +329,7 @@ class PromptGenerator:
             else:
                 subsets = {a: rng.choice(NUM_JOINTS, self.num_joints, replace=False) for a in self.axes}
         if all(subsets[a] is None for a in self.axes):  # every joint: one stable sort per column, in one call
-            orders = np.argsort(j, axis=0, kind="stable")
-            return {a: self.template.sentence(a, [self.names[i] for i in orders[:, AXES.index(a)]])
-                    for a in self.axes}
+            return self._every_joint(j[None])[0]
         return {
             a: self.template.sentence(a, [self.names[i] for i in axis_order(j, a, subsets[a])])
             for a in self.axes
@@ -342,11 +340,16 @@ class PromptGenerator:
         joint in every sentence the hands' joints are sorted in one call (a loader worker's batch); random or
         fixed subsets, and hands that fail `__call__`'s checks, go one by one."""
         j = np.asarray(joints_xyz, dtype=np.float64)
-        if (self.num_joints is not None or self.joint_subset is not None or j.ndim != 3
-                or j.shape[1:] != (NUM_JOINTS, 3) or not np.isfinite(j).all()):
-            return [self(x, rng) for x, rng in zip(j, rngs, strict=True)]
         if len(rngs) != len(j):
             raise ValueError(f"PromptGenerator.batch: {len(j)} hands but {len(rngs)} generators")
+        if (self.num_joints is not None or self.joint_subset is not None or j.ndim != 3
+                or j.shape[1:] != (NUM_JOINTS, 3) or not np.isfinite(j).all()):
+            return [self(x, rng) for x, rng in zip(j, rngs)]
+        return self._every_joint(j)
+
+    def _every_joint(self, j: np.ndarray) -> list[dict[str, str]]:
+        """Checked hands (B, 21, 3) -> each hand's sentences naming every joint, in order along each axis (ties
+        in joint index order: a stable sort of each column, all hands in one call)."""
         cols = [AXES.index(a) for a in self.axes]
         orders = np.argsort(j[..., cols], axis=1, kind="stable").transpose(0, 2, 1).tolist()
         names, sentence = self.names, self.template.sentence
