@@ -289,3 +289,15 @@ def test_rhd_read_only_folder_uses_the_fallback(rhd, monkeypatch):
     assert mapped_from(ds.xyz, fallback)
     no_parsing(monkeypatch)
     assert same_bits(RHD(rhd, split="eval").xyz, ds.xyz)
+
+
+def test_rows_of_a_mapped_array_are_plain_copies_of_its_rows(tmp_path):
+    """mapped_rows: what indexing the map gives (single rows, fancy indices, a dtype), as a plain writable array
+    that keeps no reference to the map."""
+    a = np.arange(5 * 4 * 3, dtype=np.float32).reshape(5, 4, 3)
+    np.save(tmp_path / "a.npy", a)
+    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
+    for index, dtype in ((2, None), ((3, [2, 0]), None), (4, np.float64)):
+        got = label_cache.mapped_rows(mapped, index, dtype)
+        assert type(got) is np.ndarray and got.flags.writeable and got.base is None
+        assert got.dtype == (dtype or np.float32) and np.array_equal(got, a[index])

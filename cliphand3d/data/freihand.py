@@ -22,7 +22,7 @@ from ..errors import DatasetError
 from ..geometry import crop_and_rotate, project, square_box
 from .base import (HandDataset, check_lengths, holdout_split, image_size, load_json, read_image, require_dir,
                    split_name, spread)
-from .label_cache import cached_arrays, picklable, unpickled
+from .label_cache import cached_arrays, mapped_rows, picklable, unpickled
 from .sample import RawSample
 from .transforms import EVAL_CROP, CropAugment, box_from_mask, crop_box, crop_frame, image_tensor
 
@@ -78,12 +78,6 @@ def read_array(root: Path, path: Path, shape: tuple[int, ...], fix: str, dtype=n
     recipe = f"freihand.load_array shape={tuple(shape)} dtype={dtype.name}"
     return cached_arrays(root, path, f"{path.stem}.{dtype.name}", recipe,
                          lambda: {"data": load_array(path, shape, fix, dtype)}, fix, cache_dir)["data"]
-
-
-def label_row(labels: np.ndarray, i: int, dtype=None) -> np.ndarray:
-    """A copy of row `i` of a label array (a read-only map of the cache), as `dtype`: read through a plain
-    ndarray view, which indexes in a quarter of np.memmap's time."""
-    return np.array(labels.view(np.ndarray)[i], dtype=dtype)
 
 
 def file_id(unique_id: int, version: int, num_unique: int) -> int:
@@ -251,9 +245,9 @@ class FreiHAND(HandDataset):
         uid, fid = self.locate(index)
         path = f"{self.image_dir}/{fid:08d}.jpg"  # image_path's file; a str is built in a tenth of the time
         image = read_image(path)
-        K, xyz = label_row(self.K, uid), label_row(self.xyz, uid)
+        K, xyz = mapped_rows(self.K, uid), mapped_rows(self.xyz, uid)
         return RawSample(image=image, K=K, xyz=xyz, box=self._box(index, image.shape[:2], xyz, K), file=path,
-                         verts=label_row(self.verts, uid, np.float64), extra={"unique_id": uid})
+                         verts=mapped_rows(self.verts, uid, np.float64), extra={"unique_id": uid})
 
     def label_sample(self, index: int) -> RawSample:
         """`load_raw` without decoding the RGB image: the crop box comes from the labels (crop="joints"),
@@ -262,10 +256,10 @@ class FreiHAND(HandDataset):
             raise DatasetError(f"FreiHAND {self.split} has no labels here.\n  fix: {eval_gt_fix(self.root)}")
         uid, _ = self.locate(index)
         path = self.image_path(index)
-        K, xyz = label_row(self.K, uid), label_row(self.xyz, uid)
+        K, xyz = mapped_rows(self.K, uid), mapped_rows(self.xyz, uid)
         hw = image_size(path) if self.crop in ("full", "centre") else None
         return RawSample(image=None, K=K, xyz=xyz, box=self._box(index, hw, xyz, K), file=str(path),
-                         verts=label_row(self.verts, uid, np.float64), extra={"unique_id": uid})
+                         verts=mapped_rows(self.verts, uid, np.float64), extra={"unique_id": uid})
 
     def __getitems__(self, keys: list) -> list[dict]:
         return super().__getitems__(keys) if self.has_labels else [self.__getitem__(k) for k in keys]

@@ -203,6 +203,12 @@ class _Mapped:
         return np.memmap(self.filename, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
 
 
+def mapped_rows(labels: np.ndarray, index, dtype=None) -> np.ndarray:
+    """A copy of `labels[index]` (a read-only map of the cache, or any array), as `dtype`: read through a plain
+    ndarray view, which indexes in a quarter of np.memmap's time (a loader worker reads rows for every item)."""
+    return np.array(labels.view(np.ndarray)[index], dtype=dtype)
+
+
 def picklable(state: dict) -> dict:
     """A dataset's __dict__ with its whole mapped arrays replaced by their files: a dataset pickled to a
     spawned loader worker maps the cache again instead of carrying a copy of every label."""

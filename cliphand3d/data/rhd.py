@@ -23,7 +23,7 @@ from ..geometry import mirror_lr, project, square_box
 from ..skeleton import NUM_JOINTS, rhd_to_mpii
 from .base import (HandDataset, holdout_split, load_plain_pickle, read_image, read_image_raw, require_dir,
                    split_name, spread)
-from .label_cache import cached_arrays, picklable, unpickled
+from .label_cache import cached_arrays, mapped_rows, picklable, unpickled
 from .sample import RawSample
 from .transforms import CropAugment, box_from_mask
 
@@ -226,9 +226,9 @@ class RHD(HandDataset):
         row = self.rows[index]
         side = choose_hand(mask, self.uv_vis[row, :, 2] > 0)
         slots = hand_slots(side)
-        xyz = rhd_to_mpii(np.array(self.xyz[row, slots]))
-        uv_vis = rhd_to_mpii(np.array(self.uv_vis[row, slots]))
-        K, uv, own = np.array(self.K[row]), uv_vis[:, :2].copy(), hand_mask(mask, side)
+        xyz = rhd_to_mpii(mapped_rows(self.xyz, (row, slots)))
+        uv_vis = rhd_to_mpii(mapped_rows(self.uv_vis, (row, slots)))
+        K, uv, own = mapped_rows(self.K, row), uv_vis[:, :2].copy(), hand_mask(mask, side)
         box = box_from_mask(own) if self.crop == "mask" and own.any() else None
         if side == "left":
             width = mask.shape[1]
