@@ -48,21 +48,26 @@ def xyz_to_uvd(xyz, K, img_size: int):
     return points_to_uvd(xyz, K, img_size, root, bone), root, bone
 
 
-def points_to_uvd(xyz, K, img_size: int, root_depth, bone):
-    """Any camera points (..., N, 3) (joints or vertices) -> normalised uvd, given the hand's root and bone."""
+def points_to_uvd(xyz, K, img_size: int, root_depth, bone, out=None):
+    """Any camera points (..., N, 3) (joints or vertices) -> normalised uvd, given the hand's root and bone.
+
+    numpy only: `out`, an array of xyz's shape of any float dtype, receives the result (computed in float64,
+    rounded once), and is returned: a loader worker writes 778 vertices per hand straight into its float32
+    batch buffer this way."""
     if isinstance(xyz, torch.Tensor):
         uv = (project(xyz, K) + 0.5) / img_size
         return torch.cat([uv, ((xyz[..., 2] - root_depth[..., None]) / bone[..., None])[..., None]], -1)
-    # numpy: coordinate planes (..., 3, N), so every step runs over contiguous rows (a loader worker does
-    # this for 778 vertices per hand); the same operations on the same numbers as `project`'s
-    planes = np.swapaxes(np.asarray(xyz) @ np.swapaxes(K, -1, -2), -1, -2).copy()
-    w = planes[..., 2, :].copy()
-    planes[..., 0, :] /= w
-    planes[..., 1, :] /= w
-    planes[..., :2, :] += 0.5
-    planes[..., :2, :] /= img_size
-    planes[..., 2, :] = (np.asarray(xyz)[..., 2] - np.asarray(root_depth)[..., None]) / np.asarray(bone)[..., None]
-    return np.swapaxes(planes, -1, -2)
+    # the same operations on the same numbers as `project`'s, one coordinate at a time
+    xyz = np.asarray(xyz)
+    uvw = xyz @ np.swapaxes(K, -1, -2)
+    out = np.empty(uvw.shape) if out is None else out
+    for c in (0, 1):
+        pixels = uvw[..., c] / uvw[..., 2]
+        pixels += 0.5
+        np.divide(pixels, img_size, out=out[..., c], casting="same_kind")
+    np.divide(xyz[..., 2] - np.asarray(root_depth)[..., None], np.asarray(bone)[..., None], out=out[..., 2],
+              casting="same_kind")
+    return out
 
 
 def uvd_to_xyz(uvd, K, img_size: int, root_depth, bone, pixel_offset: float = 0.5):
@@ -141,6 +146,8 @@ def crop_affine(center, size, out_size: int, rot_rad=0.0) -> np.ndarray:
     rot_rad turns image content by +rot_rad in the (x right, y down) frame, i.e. clockwise on screen.
     Batched: center (..., 2), size and rot_rad (...) give (..., 3, 3), each map as alone.
     """
+    if _is_number(size) and _is_number(rot_rad) and len(center) == 2 and all(_is_number(x) for x in center):
+        return _one_crop_affine(float(center[0]), float(center[1]), float(size), out_size, float(rot_rad))
     center = np.asarray(center, dtype=np.float64)
     scale = out_size / np.asarray(size, dtype=np.float64)
     c, si = _cos_sin(rot_rad)
@@ -152,6 +159,22 @@ def crop_affine(center, size, out_size: int, rot_rad=0.0) -> np.ndarray:
     A[..., 0, 2] = out_size / 2 - 0.5 - (r00 * cx + r01 * cy)
     A[..., 1, 2] = out_size / 2 - 0.5 - (r10 * cx + r11 * cy)
     return A
+
+
+def _one_crop_affine(cx: float, cy: float, size: float, out_size: int, rot_rad: float) -> np.ndarray:
+    """`crop_affine` of one crop in plain floats: the same operations on the same numbers as the batched
+    arrays' (IEEE arithmetic either way), without numpy's per-call cost on nine numbers (a loader worker
+    makes one map per item, right after decoding its picture)."""
+    scale = out_size / size
+    c, si = math.cos(rot_rad), math.sin(rot_rad)
+    r00, r01, r10, r11 = c * scale, -si * scale, si * scale, c * scale
+    return np.array([[r00, r01, out_size / 2 - 0.5 - (r00 * cx + r01 * cy)],
+                     [r10, r11, out_size / 2 - 0.5 - (r10 * cx + r11 * cy)],
+                     [0.0, 0.0, 1.0]])
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
 def rotation_z(rot_rad) -> np.ndarray:

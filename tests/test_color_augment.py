@@ -2,6 +2,7 @@
 each item's generator so that runs stay exactly reproducible."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +132,28 @@ def test_real_data_configs_switch_colour_on_for_training_only(name):
     for split in ("val", "test"):
         held = cfg.data[split].augment
         assert held is None or (not held.train and held.get("channel_noise", 0.0) == 0.0)
+
+
+def _sample_by_uniform_calls(aug: CropAugment, rng: np.random.Generator) -> dict:
+    """CropAugment.sample's definition: one numpy uniform call per draw."""
+    scale = aug.scale * (1.0 + rng.uniform(-aug.scale_jitter, aug.scale_jitter))
+    shift = tuple(rng.uniform(-aug.shift_jitter, aug.shift_jitter, size=2).tolist())
+    rot = math.radians(rng.uniform(-aug.rot_max_deg, aug.rot_max_deg)) if rng.random() < aug.rot_prob else 0.0
+    color = (tuple((1.0 + rng.uniform(-aug.color_jitter, aug.color_jitter, size=3)).tolist())
+             if aug.color_jitter > 0 else None)
+    channels = (tuple((1.0 + rng.uniform(-aug.channel_noise, aug.channel_noise, size=3)).tolist())
+                if aug.channel_noise > 0 else None)
+    return {"scale": scale, "shift": shift, "rot": rot, "color": color, "channels": channels}
+
+
+@pytest.mark.parametrize("options", [{}, {"color_jitter": 0.2, "channel_noise": 0.4}, {"channel_noise": 0.4},
+                                     {"color_jitter": 0.3}, {"rot_prob": 1.0, "rot_max_deg": 180},
+                                     {"rot_prob": 0.0, "scale_jitter": 0.0, "shift_jitter": 0.0}])
+def test_sample_draws_what_one_uniform_call_per_draw_draws(options):
+    """The block draws equal numpy's uniform calls bit for bit, and leave the generator where they leave it
+    (the item's prompts draw next)."""
+    aug = CropAugment(**options)
+    for seed in range(300):
+        fast, slow = np.random.default_rng(seed), np.random.default_rng(seed)
+        assert aug.sample(fast) == _sample_by_uniform_calls(aug, slow), seed
+        assert fast.random() == slow.random()

@@ -240,13 +240,22 @@ def test_crop_maps_batched_are_each_map_as_alone():
         assert np.array_equal(A[i], G.crop_affine(centres[i], sides[i], 64, rots[i]))
         assert np.array_equal(R[i], G.rotation_z(rots[i]))
         assert np.array_equal(Kc[i], G.crop_intrinsics(K[i], centres[i], sides[i], 64, rots[i])[0])
+    # one crop is made in plain floats: the same numbers as the batched arrays, for any angle and any inputs
+    many = np.random.default_rng(8)
+    c2, s2, r2 = many.uniform(-50, 400, (500, 2)), many.uniform(1, 500, 500), many.uniform(-7, 7, 500)
+    r2[::5] = 0.0
+    batched = G.crop_affine(c2, s2, 256, r2)
+    for i in range(500):
+        assert np.array_equal(batched[i], G.crop_affine(tuple(c2[i].tolist()), float(s2[i]), 256, float(r2[i])))
+    assert np.array_equal(G.crop_affine((10, 20), 100, 64), G.crop_affine(np.array([[10.0, 20.0]]), [100.0], 64)[0])
     edge = G.crop_affine(centres[3], sides[3], 64) @ np.array([*(centres[3] - sides[3] / 2), 1.0])
     np.testing.assert_allclose(edge[:2], [-0.5, -0.5], atol=1e-9)
 
 
 def test_points_to_uvd_is_the_projection_formula_bit_for_bit():
-    """The numpy path works on coordinate planes for speed; it is the formula (project + 0.5) / S, (z - root) / bone
-    on the same numbers, exactly, for one hand and a stack, and the torch path agrees."""
+    """The numpy path works a coordinate at a time for speed; it is the formula (project + 0.5) / S,
+    (z - root) / bone on the same numbers, exactly, for one hand and a stack; written into a float32 `out` it is
+    that result rounded once; and the torch path agrees."""
     rng = np.random.default_rng(5)
     for lead in [(), (4,)]:
         xyz = rng.normal(0, 0.05, lead + (778, 3)) + np.array([0.0, 0.0, 0.6])
@@ -256,6 +265,9 @@ def test_points_to_uvd_is_the_projection_formula_bit_for_bit():
         uv = (G.project(xyz, K) + 0.5) / 64
         d = (xyz[..., 2] - np.asarray(root)[..., None]) / np.asarray(bone)[..., None]
         assert got.shape == xyz.shape and np.array_equal(got, np.concatenate([uv, d[..., None]], -1))
+        out = np.full(xyz.shape, np.nan, np.float32)
+        assert G.points_to_uvd(xyz, K, 64, np.asarray(root), np.asarray(bone), out=out) is out
+        assert np.array_equal(out, got.astype(np.float32))
         torch_uvd = G.points_to_uvd(torch.from_numpy(xyz), torch.from_numpy(K), 64, torch.as_tensor(root),
                                     torch.as_tensor(bone))
         np.testing.assert_allclose(torch_uvd.numpy(), got, rtol=1e-12, atol=1e-12)

@@ -36,15 +36,28 @@ class CropAugment:
     channel_noise: float = 0.0
 
     def sample(self, rng: np.random.Generator | None) -> dict:
+        """The crop's draws from `rng`, in order: scale, shift (x, y), whether to rotate, the angle (only when
+        rotating), colour (3, only when on), channel gains (3, only when on); each a uniform in +- its range.
+        Drawn as a few blocks of rng.random: the same numbers as one rng.uniform call per draw (uniform(lo, hi)
+        is lo + (hi - lo) * random()), in a third of the time, and the rng left where those calls leave it."""
         if not self.train or rng is None:
             return {"scale": self.scale, "shift": (0.0, 0.0), "rot": 0.0, "color": None, "channels": None}
-        scale = self.scale * (1.0 + rng.uniform(-self.scale_jitter, self.scale_jitter))
-        shift = tuple(rng.uniform(-self.shift_jitter, self.shift_jitter, size=2))
-        rot = math.radians(rng.uniform(-self.rot_max_deg, self.rot_max_deg)) if rng.random() < self.rot_prob else 0.0
-        color = tuple(1.0 + rng.uniform(-self.color_jitter, self.color_jitter, size=3)) if self.color_jitter > 0 else None
-        channels = (tuple(1.0 + rng.uniform(-self.channel_noise, self.channel_noise, size=3))
-                    if self.channel_noise > 0 else None)
+        u_scale, u_x, u_y, u_rot = rng.random(4).tolist()
+        scale = self.scale * (1.0 + _uniform(u_scale, self.scale_jitter))
+        shift = (_uniform(u_x, self.shift_jitter), _uniform(u_y, self.shift_jitter))
+        rot = math.radians(_uniform(rng.random(), self.rot_max_deg)) if u_rot < self.rot_prob else 0.0
+        ranges = [r for r in (self.color_jitter, self.channel_noise) if r > 0]
+        u = rng.random(3 * len(ranges)).tolist() if ranges else []
+        gains = [tuple(1.0 + _uniform(x, r) for x in u[3 * k:3 * k + 3]) for k, r in enumerate(ranges)]
+        color = gains.pop(0) if self.color_jitter > 0 else None
+        channels = gains.pop(0) if self.channel_noise > 0 else None
         return {"scale": scale, "shift": shift, "rot": rot, "color": color, "channels": channels}
+
+
+def _uniform(u: float, half_range) -> float:
+    """rng.uniform(-half_range, half_range) given the rng.random() it would draw: numpy's lo + (hi - lo) * u."""
+    lo = -float(half_range)
+    return lo + (float(half_range) - lo) * u
 
 
 EVAL_CROP = CropAugment(train=False)
@@ -53,10 +66,10 @@ MEAN, STD = 0.5, 0.5  # (x/255 - 0.5) / 0.5, the demo repo's normalisation
 
 
 def image_tensor(image_u8: np.ndarray) -> torch.Tensor:
-    """uint8 HxWx3 RGB -> uint8 3xHxW: an item's image. Crops travel as bytes (through a loader worker's
-    shared memory, pinning and the host-to-device copy: 4x fewer than float32) and become the model's
-    input on the device (`model_input`)."""
-    return torch.from_numpy(np.ascontiguousarray(image_u8.transpose(2, 0, 1)))
+    """uint8 HxWx3 RGB -> uint8 3xHxW: an item's image (or a stack, (..., H, W, 3) -> (..., 3, H, W), in one
+    copy). Crops travel as bytes (through a loader worker's shared memory, pinning and the host-to-device
+    copy: 4x fewer than float32) and become the model's input on the device (`model_input`)."""
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(image_u8, -1, -3)))
 
 
 def model_input(images: torch.Tensor) -> torch.Tensor:
@@ -95,26 +108,33 @@ def color_matrix(channel_means, factors: tuple[float, float, float] | None,
     are `channel_means`: per-channel gains g, then brightness b, contrast c about the image mean m, saturation
     s about each pixel's grey (the mean of its channels). Each step is affine in the pixel, so their
     composition is one map: L = c b (s diag(g) + (1 - s) / 3 * 1 g^T), t = (1 - c) m, m = b mean(g * means)."""
-    g = (1.0, 1.0, 1.0) if channels is None else tuple(float(x) for x in channels)
+    g0, g1, g2 = (1.0, 1.0, 1.0) if channels is None else (float(x) for x in channels)
     b, c, s = (1.0, 1.0, 1.0) if factors is None else (float(f) for f in factors)
-    m = b * sum(gk * float(mk) for gk, mk in zip(g, channel_means)) / 3.0
-    # plain floats: numpy's per-call overhead on 3 x 4 numbers would cost a quarter of the pass itself
-    rows = [[c * b * ((1.0 - s) / 3.0 + (s if j == k else 0.0)) * g[j] for j in range(3)] + [(1.0 - c) * m]
-            for k in range(3)]
-    return np.array(rows)
+    m0, m1, m2 = (float(x) for x in channel_means[:3])
+    t = (1.0 - c) * (b * (g0 * m0 + g1 * m1 + g2 * m2) / 3.0)
+    # plain floats, written out: numpy's per-call overhead on 3 x 4 numbers, or loops over them, would cost as
+    # much as the pass itself
+    cb = c * b
+    off, on = cb * ((1.0 - s) / 3.0), cb * ((1.0 - s) / 3.0 + s)
+    return np.array([[on * g0, off * g1, off * g2, t], [off * g0, on * g1, off * g2, t],
+                     [off * g0, off * g1, on * g2, t]])
 
 
 def jitter_color(image: np.ndarray, factors: tuple[float, float, float] | None,
-                 channels: tuple[float, float, float] | None = None) -> np.ndarray:
+                 channels: tuple[float, float, float] | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """A uint8 RGB image with per-channel gains `channels` (R, G, B), then brightness, contrast and saturation
     `factors`; either may be None (not applied). One float32 pass of their composed map (`color_matrix`),
     rounded to the nearest level and clipped to [0, 255]: a 256 px crop takes 0.1 ms where the step-by-step
-    float passes took 2 ms, most of a loader worker's time."""
+    float passes took 2 ms, most of a loader worker's time. Written into `out` (the image itself may be it)
+    when given."""
     if factors is None and channels is None:
-        return image
+        if out is not None and out is not image:
+            np.copyto(out, image)
+        return image if out is None else out
     # float32 in: OpenCV transforms uint8 with 10-bit fixed-point coefficients, up to 0.4 of a level off
-    out = cv2.transform(image.astype(np.float32), color_matrix(cv2.mean(image)[:3], factors, channels))
-    return cv2.addWeighted(out, 1.0, out, 0.0, 0.0, dtype=cv2.CV_8U)  # saturating, rounding float -> uint8
+    mapped = cv2.transform(image.astype(np.float32), color_matrix(cv2.mean(image)[:3], factors, channels))
+    # saturating, rounding float -> uint8
+    return cv2.addWeighted(mapped, 1.0, mapped, 0.0, 0.0, dst=out, dtype=cv2.CV_8U)
 
 
 def box_from_mask(mask: np.ndarray) -> tuple[float, float, float]:
@@ -142,25 +162,38 @@ def crop_box(box: tuple[float, float, float], params: dict) -> tuple[tuple[float
 
 def crop_frame(box: tuple[float, float, float], augment: CropAugment | None,
                rng: np.random.Generator | None) -> tuple[tuple[float, float], float, float]:
-    """(centre, side, rotation) of the crop `augment` draws from `rng` about `box`: the crop `sample_crops`
+    """(centre, side, rotation) of the crop `augment` draws from `rng` about `box`: the crop `crop_into`
     makes from the same draw (two-pass framing maps predictions on it back to the image, data/reframe.py)."""
     p = (augment if augment is not None else EVAL_CROP).sample(rng)
     center, side = crop_box(box, p)
     return center, side, p["rot"]
 
 
-def crop_labels(xyz: np.ndarray, K: np.ndarray, R: np.ndarray, img_size: int, verts: np.ndarray | None = None) -> dict:
+def crop_labels(xyz: np.ndarray, K: np.ndarray, R: np.ndarray, img_size: int, verts: np.ndarray | None = None,
+                out: dict | None = None) -> dict:
     """Camera-frame labels in the crop's camera (K, R from `crop_intrinsics`): the label keys of an item, for
     one sample ((21, 3), (3, 3), ...) or a stack of them ((B, 21, 3), (B, 3, 3), ...). Every operation
-    broadcasts over the leading axis, so a stack gives each sample's labels bit for bit."""
+    broadcasts over the leading axis, so a stack gives each sample's labels bit for bit.
+
+    out: arrays per key (`label_buffers`), filled with every key, each computed in float64 and rounded once.
+    The float64 joint keys are still returned (prompts sort them), the vertex keys only into `out`: 778 points
+    per hand are most of a loader worker's label work, and are written once instead of copied twice."""
     Rt = np.swapaxes(R, -1, -2)
     xyz = xyz @ Rt
     uvd, root, bone = xyz_to_uvd(xyz, K, img_size)
-    out = {"joints_xyz": xyz, "joints_uvd": uvd, "K": K, "root_depth": np.asarray(root), "bone": np.asarray(bone)}
+    labels = {"joints_xyz": xyz, "joints_uvd": uvd, "K": K, "root_depth": np.asarray(root), "bone": np.asarray(bone)}
+    if out is not None:
+        for k, v in labels.items():
+            np.copyto(out[k], v, casting="same_kind")
     if verts is not None:
-        out["verts_xyz"] = verts @ Rt
-        out["verts_uvd"] = points_to_uvd(out["verts_xyz"], K, img_size, out["root_depth"], out["bone"])
-    return out
+        verts_xyz = verts @ Rt
+        if out is None:
+            labels["verts_xyz"] = verts_xyz
+            labels["verts_uvd"] = points_to_uvd(verts_xyz, K, img_size, labels["root_depth"], labels["bone"])
+        else:
+            np.copyto(out["verts_xyz"], verts_xyz, casting="same_kind")
+            points_to_uvd(verts_xyz, K, img_size, labels["root_depth"], labels["bone"], out=out["verts_uvd"])
+    return labels
 
 
 def label_targets(raw: RawSample, *, img_size: int, augment: CropAugment | None = None,
@@ -175,60 +208,73 @@ def label_targets(raw: RawSample, *, img_size: int, augment: CropAugment | None 
 LABEL_KEYS = ("joints_xyz", "joints_uvd", "K", "root_depth", "bone", "verts_xyz", "verts_uvd")
 
 
-def label_tensors(labels: dict) -> dict:
-    """Label keys (numpy, any leading shape) as float32 tensors, converted in one go and split as numpy views:
-    a loader worker builds a crop every few hundred microseconds, and per-key conversions cost a tenth of it."""
-    keys = [k for k in LABEL_KEYS if k in labels]
-    arrays = [np.asarray(labels[k]) for k in keys]
-    flat = np.concatenate([a.ravel() for a in arrays]).astype(np.float32)
-    out, start = {}, 0
-    for k, a in zip(keys, arrays):
-        out[k] = torch.from_numpy(flat[start:start + a.size].reshape(a.shape))
-        start += a.size
-    return out
+def label_buffers(batch: int, num_joints: int, num_verts: int | None = None, dtype=np.float32) -> dict:
+    """Arrays for the label keys of `batch` items (no vertex keys when num_verts is None), all views of one flat
+    buffer: `crop_labels(out=...)` fills them and torch.from_numpy shares them, so a loader worker's labels
+    become tensors with no concatenation or per-key conversion (a crop takes a few hundred microseconds)."""
+    shapes = {"joints_xyz": (num_joints, 3), "joints_uvd": (num_joints, 3), "K": (3, 3), "root_depth": (), "bone": ()}
+    if num_verts is not None:
+        shapes.update(verts_xyz=(int(num_verts), 3), verts_uvd=(int(num_verts), 3))
+    sizes = [batch * math.prod(shape) for shape in shapes.values()]
+    flat = np.empty(sum(sizes), dtype)
+    ends = np.cumsum(sizes).tolist()
+    return {k: flat[end - n:end].reshape((batch, *shape))
+            for (k, shape), n, end in zip(shapes.items(), sizes, ends)}
 
 
-def sample_crops(raws: list[RawSample], img_size: int, augment: CropAugment | None,
-                 rngs: list) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """(uint8 crops, their K (B, 3, 3), the rotations R (B, 3, 3) their labels take): each sample's augmentation
-    drawn from its rng, the crops' maps computed at once (`geometry.crop_affine` batched, each as alone)."""
-    aug = augment if augment is not None else EVAL_CROP
-    params = [aug.sample(rng) for rng in rngs]
-    frames = [crop_box(raw.box, p) for raw, p in zip(raws, params)]
-    centres, sides = np.array([f[0] for f in frames]), np.array([f[1] for f in frames])
-    rots = np.array([p["rot"] for p in params])
-    maps = crop_affine(centres, sides, img_size, rots)
+def new_crops(batch: int, img_size: int) -> np.ndarray:
+    """The uint8 stack (B, 3, S, S) of a batch's item images, filled by `crop_into`."""
+    return np.empty((batch, 3, img_size, img_size), np.uint8)
+
+
+def crop_into(raw: RawSample, params: dict, img_size: int, out: np.ndarray) -> tuple[tuple[float, float], float, float]:
+    """Warp raw.image's crop for the augmentation `params` (`CropAugment.sample`), coloured when drawn so, into
+    `out` (3, S, S: an item's image, as `image_tensor` lays it out); returns the crop's (centre, side, rotation)
+    for its labels (`items_from_crops`). A worker crops each picture right after decoding it, and lays each crop
+    out while it is in the CPU's cache: at 256 px, transposing the whole batch afterwards cost as much as the
+    warp."""
+    center, side = crop_box(raw.box, params)
+    crop = warp_crop(raw.image, crop_affine(center, side, img_size, params["rot"]), img_size)
+    if params["color"] is not None or params["channels"] is not None:
+        crop = jitter_color(crop, params["color"], params["channels"], out=crop)
+    np.copyto(out, np.moveaxis(crop, -1, -3))
+    return center, side, params["rot"]
+
+
+def items_from_crops(raws: list[RawSample], crops: np.ndarray, frames: list, *, indices: list[int], img_size: int,
+                     prompts=None, rngs: list) -> list[dict]:
+    """Items of docs/conventions.md from the raw samples (their images no longer needed), their crops (`new_crops`)
+    and frames (`crop_into`): the labels in every crop's camera and the prompts, computed at once (a loader
+    worker's batch), each item's exactly as alone. The rngs have drawn the crops; they draw the prompts next."""
+    centres, sides, rots = (np.array([f[k] for f in frames]) for k in range(3))
     K, R = crop_intrinsics(np.stack([raw.K for raw in raws]), centres, sides, img_size, rots)
-    crops = []
-    for raw, p, A in zip(raws, params, maps):
-        crop = warp_crop(raw.image, A, img_size)
-        if p["color"] is not None or p["channels"] is not None:
-            crop = jitter_color(crop, p["color"], p["channels"])
-        crops.append(crop)
-    return crops, K, R
-
-
-def build_items(raws: list[RawSample], *, indices: list[int], img_size: int, augment: CropAugment | None = None,
-                prompts=None, rngs: list) -> list[dict]:
-    """Raw samples -> items of docs/conventions.md (crop, labels in the crop's camera, prompts). Each image is
-    cropped on its own; the crops' maps and the labels of all are computed at once (a loader worker's batch),
-    each item's exactly as alone. Each item's rng draws its augmentation, then its prompts."""
-    crops, K, R = sample_crops(raws, img_size, augment, rngs)
-    with_verts = all(raw.verts is not None for raw in raws)
-    labels = crop_labels(np.stack([raw.xyz for raw in raws]), K, R, img_size,
-                         np.stack([raw.verts for raw in raws]) if with_verts else None)
+    xyz = np.stack([raw.xyz for raw in raws])
+    verts = np.stack([raw.verts for raw in raws]) if all(raw.verts is not None for raw in raws) else None
+    buffers = label_buffers(len(raws), xyz.shape[1], None if verts is None else verts.shape[1])
+    labels = crop_labels(xyz, K, R, img_size, verts, out=buffers)
     # each key's per-item views in one call (unbind), not one indexing call per item and key
-    per_item = {k: v.unbind(0) for k, v in label_tensors(labels).items()}
+    per_item = {"image": torch.from_numpy(crops), **{k: torch.from_numpy(v) for k, v in buffers.items()}}
+    per_item = {k: v.unbind(0) for k, v in per_item.items()}
     sentences = prompts.batch(labels["joints_xyz"], rngs) if prompts is not None else [{} for _ in raws]
     items = []
-    for i, (raw, crop) in enumerate(zip(raws, crops)):
-        item = {"image": image_tensor(crop), **{k: v[i] for k, v in per_item.items()}}
+    for i, raw in enumerate(raws):
+        item = {k: v[i] for k, v in per_item.items()}
         item["prompts"] = sentences[i]
         item["meta"] = {"index": int(indices[i]), "file": raw.file}
         if raw.visible is not None:
             item["visible"] = torch.as_tensor(np.asarray(raw.visible, dtype=bool))
         items.append(item)
     return items
+
+
+def build_items(raws: list[RawSample], *, indices: list[int], img_size: int, augment: CropAugment | None = None,
+                prompts=None, rngs: list) -> list[dict]:
+    """Decoded raw samples -> their items: each cropped on its own (`crop_into`), then labelled together
+    (`items_from_crops`). Each item's rng draws its augmentation, then its prompts."""
+    aug = augment if augment is not None else EVAL_CROP
+    crops = new_crops(len(raws), img_size)
+    frames = [crop_into(raw, aug.sample(rng), img_size, out) for raw, rng, out in zip(raws, rngs, crops)]
+    return items_from_crops(raws, crops, frames, indices=indices, img_size=img_size, prompts=prompts, rngs=rngs)
 
 
 def build_item(raw: RawSample, *, index: int, img_size: int, augment: CropAugment | None = None,
