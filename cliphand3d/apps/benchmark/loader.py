@@ -107,9 +107,11 @@ def loader_dataset(cfg: DictConfig, fmt: str, overrides, tmp: Path):
 
 
 def loader_pair(dataset, files: list[str], items: int, rounds: int, warmup: int, batch: int) -> dict:
-    """Seconds per round of `items` dataset items, fetched in batches of `batch` as a DataLoader worker fetches
-    them (`__getitems__`; one process, one torch and one OpenCV thread, as in a worker), and of cv2.imread of
-    the same files; rounds alternate."""
+    """Seconds per round of `items` dataset items (rounded up to whole batches), fetched in batches of `batch` as a
+    DataLoader worker fetches them (`__getitems__`; one process, one torch and one OpenCV thread, as in a worker),
+    and of cv2.imread of the same files; rounds alternate. Whole batches, as a worker only ever fetches: a part
+    batch would charge a batch's fixed costs to fewer crops."""
+    items = -(-int(items) // int(batch)) * int(batch)
     idx = [i % len(dataset) for i in range(items)]
     chunks = [idx[i:i + batch] for i in range(0, len(idx), batch)]
 
