@@ -14,12 +14,15 @@ from cliphand3d.data.synthetic import SyntheticHands
 from cliphand3d.data.transforms import (
     CropAugment,
     batch_to_device,
+    crop_labels,
     denormalize_image,
     image_tensor,
+    label_buffers,
     model_input,
     normalize_image,
 )
 from cliphand3d.errors import ConfigError
+from cliphand3d.geometry import crop_intrinsics
 from cliphand3d.runtime import guard_shared_memory, make_loader
 
 CPU = torch.device("cpu")
@@ -163,3 +166,24 @@ def test_images_decode_to_the_pixels_of_bgr_then_converted(tmp_path):
         want = cv2.cvtColor(cv2.imread(str(f), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
         got = read_image(f)
         assert got.dtype == np.uint8 and np.array_equal(got, want), f
+
+
+def test_labels_written_into_the_batch_buffer_are_the_float64_labels_rounded_once():
+    """A worker's labels go straight into one float32 buffer (crop_labels(out=label_buffers(...))): every key is
+    the float64 label rounded once, all keys share one buffer, and the float64 joints still come back (prompts
+    sort them)."""
+    rng = np.random.default_rng(3)
+    B = 5
+    xyz = rng.normal(0, 0.04, (B, 21, 3)) + [0.0, 0.0, 0.7]
+    verts = rng.normal(0, 0.05, (B, 778, 3)) + [0.0, 0.0, 0.7]
+    K0 = np.tile([[480.0, 0.0, 112.0], [0.0, 480.0, 112.0], [0.0, 0.0, 1.0]], (B, 1, 1))
+    K, R = crop_intrinsics(K0, rng.uniform(90, 130, (B, 2)), rng.uniform(100, 220, B), 64, rng.uniform(-1.5, 1.5, B))
+    ref = crop_labels(xyz, K, R, 64, verts)
+    buffers = label_buffers(B, 21, 778)
+    got = crop_labels(xyz, K, R, 64, verts, out=buffers)
+    assert set(buffers) == set(ref) and set(got) == set(ref) - {"verts_xyz", "verts_uvd"}
+    for k, v in ref.items():
+        assert buffers[k].dtype == np.float32 and np.array_equal(buffers[k], v.astype(np.float32)), k
+    for k, v in got.items():
+        assert v.dtype == np.float64 and np.array_equal(v, ref[k]), k
+    assert len({id(b.base) for b in buffers.values()}) == 1

@@ -205,9 +205,6 @@ def label_targets(raw: RawSample, *, img_size: int, augment: CropAugment | None 
     return crop_labels(raw.xyz, K, R, img_size, raw.verts)
 
 
-LABEL_KEYS = ("joints_xyz", "joints_uvd", "K", "root_depth", "bone", "verts_xyz", "verts_uvd")
-
-
 def label_buffers(batch: int, num_joints: int, num_verts: int | None = None, dtype=np.float32) -> dict:
     """Arrays for the label keys of `batch` items (no vertex keys when num_verts is None), all views of one flat
     buffer: `crop_labels(out=...)` fills them and torch.from_numpy shares them, so a loader worker's labels
