@@ -187,3 +187,13 @@ def test_labels_written_into_the_batch_buffer_are_the_float64_labels_rounded_onc
     for k, v in got.items():
         assert v.dtype == np.float64 and np.array_equal(v, ref[k]), k
     assert len({id(b.base) for b in buffers.values()}) == 1
+
+
+def test_an_index_out_of_range_is_an_index_error_naming_the_length():
+    """A negative or too large index, alone or in a batch, is refused before anything is read or seeded."""
+    ds = hands(n=4)
+    for bad in (-1, 4, (0, -2)):
+        with pytest.raises(IndexError, match=r"out of range for SyntheticHands of length 4"):
+            ds[bad]
+        with pytest.raises(IndexError, match=r"out of range"):
+            ds.__getitems__([0, bad])

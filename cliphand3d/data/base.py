@@ -260,13 +260,14 @@ class HandDataset(Dataset):
         it is decoded, and released; then their labels computed at once (transforms.items_from_crops), each
         item exactly as alone."""
         parsed = [key if isinstance(key, tuple) else (int(self.epoch), key) for key in keys]
+        for _, index in parsed:  # before anything is read or seeded (a negative index cannot seed)
+            if not 0 <= index < len(self):
+                raise IndexError(f"index {index} out of range for {type(self).__name__} of length {len(self)}")
         aug = self.augment if self.augment is not None else EVAL_CROP
         # each item's rng_for(index, epoch), seeded together
         rngs = item_generators([[self.seed, int(epoch), int(index)] for epoch, index in parsed])
         crops, raws, frames, indices, skipped = new_crops(len(parsed), self.img_size), [], [], [], []
         for i, (epoch, index) in enumerate(parsed):
-            if not 0 <= index < len(self):
-                raise IndexError(f"index {index} out of range for {type(self).__name__} of length {len(self)}")
             if self.skip_bad:
                 index, raw, n = self._first_readable(index)
                 skipped.append(n)
