@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from cliphand3d.apps.benchmark import harness, runs
 from cliphand3d.apps.benchmark import run as bench
 from cliphand3d.apps.benchmark.inference import ONNX_EXTRA
-from cliphand3d.apps.benchmark.loader import put_photos
+from cliphand3d.apps.benchmark.loader import loader_pair, put_photos
 from cliphand3d.build import CONFIGS, compose_config
 from cliphand3d.errors import ConfigError
 
@@ -317,3 +317,21 @@ def test_runs_taking_turns_stop_their_loader_workers_between_turns(tmp_path):
         time.sleep(0.01)
     else:
         raise AssertionError(f"worker {pid} still there, state {_state(pid)}")
+
+
+def test_the_loader_rows_time_whole_batches():
+    """loader.crops is rounded up to whole batches of the step's size, fetched as a worker fetches them."""
+    class Items:
+        def __init__(self):
+            self.calls = []
+
+        def __len__(self):
+            return 5
+
+        def __getitems__(self, keys):
+            self.calls.append(list(keys))
+            return keys
+
+    items = Items()
+    raw = loader_pair(items, [], items=5, rounds=1, warmup=0, batch=4)
+    assert raw["n"] == 8 and items.calls == [[0, 1, 2, 3], [4, 0, 1, 2]]

@@ -157,3 +157,16 @@ def test_sample_draws_what_one_uniform_call_per_draw_draws(options):
         fast, slow = np.random.default_rng(seed), np.random.default_rng(seed)
         assert aug.sample(fast) == _sample_by_uniform_calls(aug, slow), seed
         assert fast.random() == slow.random()
+
+
+def test_colour_written_into_out_is_the_returned_image():
+    """jitter_color(out=...) writes what it would return, also in place (the worker colours its crop there), and
+    with nothing to apply copies the image into `out`."""
+    image = np.random.default_rng(2).integers(0, 256, (16, 12, 3), dtype=np.uint8)
+    want = jitter_color(image, (1.2, 0.8, 1.1), (0.9, 1.3, 1.0))
+    inplace = image.copy()
+    assert jitter_color(inplace, (1.2, 0.8, 1.1), (0.9, 1.3, 1.0), out=inplace) is inplace
+    np.testing.assert_array_equal(inplace, want)
+    other = np.zeros_like(image)
+    assert jitter_color(image, None, None, out=other) is other
+    np.testing.assert_array_equal(other, image)

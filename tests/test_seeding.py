@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from cliphand3d.data.seeding import item_generators, seed_words
+from cliphand3d.data.synthetic import SyntheticHands
+from cliphand3d.data.transforms import CropAugment, build_item
 
 
 def _same_streams(rows) -> None:
@@ -42,9 +44,6 @@ def test_the_words_are_seed_sequences_state():
 
 def test_a_dataset_batch_is_built_from_each_items_rng_for():
     """__getitems__ seeds its items together; each item is the one its own rng_for(index, epoch) builds."""
-    from cliphand3d.data.synthetic import SyntheticHands
-    from cliphand3d.data.transforms import CropAugment, build_item
-
     ds = SyntheticHands(length=6, img_size=32, augment=CropAugment(color_jitter=0.2, channel_noise=0.4), seed=3)
     keys = [(0, 5), (2, 1), (1, 3)]
     for (epoch, index), item in zip(keys, ds.__getitems__(keys)):

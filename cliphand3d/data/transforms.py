@@ -66,10 +66,15 @@ MEAN, STD = 0.5, 0.5  # (x/255 - 0.5) / 0.5, the demo repo's normalisation
 
 
 def image_tensor(image_u8: np.ndarray) -> torch.Tensor:
-    """uint8 HxWx3 RGB -> uint8 3xHxW: an item's image (or a stack, (..., H, W, 3) -> (..., 3, H, W), in one
-    copy). Crops travel as bytes (through a loader worker's shared memory, pinning and the host-to-device
-    copy: 4x fewer than float32) and become the model's input on the device (`model_input`)."""
-    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(image_u8, -1, -3)))
+    """uint8 HxWx3 RGB -> uint8 3xHxW: an item's image. Crops travel as bytes (through a loader worker's
+    shared memory, pinning and the host-to-device copy: 4x fewer than float32) and become the model's
+    input on the device (`model_input`)."""
+    return torch.from_numpy(np.ascontiguousarray(channels_first(image_u8)))
+
+
+def channels_first(image: np.ndarray) -> np.ndarray:
+    """The 3xHxW view of an HxWx3 image: an item's image layout (`image_tensor`, `crop_into`)."""
+    return image.transpose(2, 0, 1)
 
 
 def model_input(images: torch.Tensor) -> torch.Tensor:
@@ -234,7 +239,7 @@ def crop_into(raw: RawSample, params: dict, img_size: int, out: np.ndarray) -> t
     crop = warp_crop(raw.image, crop_affine(center, side, img_size, params["rot"]), img_size)
     if params["color"] is not None or params["channels"] is not None:
         crop = jitter_color(crop, params["color"], params["channels"], out=crop)
-    np.copyto(out, np.moveaxis(crop, -1, -3))
+    np.copyto(out, channels_first(crop))
     return center, side, params["rot"]
 
 
